@@ -1,0 +1,1 @@
+"""pid_fast: fused Physics Informed Distillation for diffusion models."""
