@@ -1,1 +1,30 @@
-"""pid_fast: fused Physics Informed Distillation for diffusion models."""
+"""pid_fast: fused Physics Informed Distillation (PID) of diffusion models for PyTorch.
+
+Entry points:
+  pid_loss(...)      the fused per-sample PID loss (what a training loop calls)
+  pid_residual(...)  pred and target, for a norm computed by another network (LPIPS)
+  pid_assemble(...)  the student's state x = a n + b F and the teacher's input c_in x
+  build_info()       what was compiled (CPU, CUDA + archs) and whether Triton is usable
+"""
+
+from pid_fast.ops import (
+    BACKENDS,
+    available_backends,
+    build_info,
+    pid_assemble,
+    pid_loss,
+    pid_residual,
+    resolve_backend,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "available_backends",
+    "build_info",
+    "pid_assemble",
+    "pid_loss",
+    "pid_residual",
+    "resolve_backend",
+]

@@ -1,0 +1,15 @@
+// Launchers of the CUDA kernels (pid_cuda.cu), called by the op bodies (pid_cuda.cpp).
+#pragma once
+
+#include "../pid_ops.h"
+
+namespace pid_fast {
+
+void cuda_assemble(const Rows& rows, const float* a, const float* b, const float* c_in,
+                   at::Tensor& x, at::Tensor& x_in);
+void cuda_residual(const Rows& rows, at::Tensor& pred, at::Tensor& target);
+void cuda_loss(const Rows& rows, int norm, double huber_c, bool grad, at::Tensor& loss,
+               at::Tensor& scale, at::Tensor& d1, at::Tensor& d2);
+void cuda_scale_rows(const Rows& rows, const float* s1, const float* s2, at::Tensor& out);
+
+}  // namespace pid_fast
