@@ -69,7 +69,7 @@ def extension():
     print(f"pid_fast: building CUDA kernels for TORCH_CUDA_ARCH_LIST={archs}")
     return cpp_extension.CUDAExtension(
         "pid_fast._C",
-        sources + ["csrc/cuda/pid_cuda.cu", "csrc/cuda/pid_cuda.cpp"],
+        sources + ["csrc/cuda/pid_cuda_kernels.cu", "csrc/cuda/pid_cuda.cpp"],
         include_dirs=nvidia_wheel_includes(),
         extra_compile_args={
             "cxx": cxx + defines,

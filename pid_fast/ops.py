@@ -110,15 +110,32 @@ def _ops(backend: str):
 # torch.library registrations shared by the C++ ops and the Triton ops
 
 
-def rows_like(streams, dtype):
-    """An output with the streams' layout when they share one dense, row-contiguous layout
-    (what the kernels keep), else contiguous. Used by the fake kernels and the Triton ops."""
+def shared_row_layout(streams) -> bool:
+    """Whether the streams share one dense layout in which each sample is a contiguous block
+    of memory (NCHW and channels_last both are): the kernels then use it without copies."""
     ref = streams[0]
     B = ref.shape[0]
     D = ref[0].numel() if B > 0 else 1
-    shared = ref.is_non_overlapping_and_dense() and (B <= 1 or ref.stride(0) == D)
-    shared = shared and all(s.stride() == ref.stride() for s in streams)
-    if shared:
+    shared = _dense(ref) and (B <= 1 or ref.stride(0) == D)
+    return shared and all(s.stride() == ref.stride() for s in streams)
+
+
+def _dense(x) -> bool:
+    """Non-overlapping and dense: the elements fill numel() consecutive memory slots."""
+    expected = 1
+    dims = sorted(((st, sz) for sz, st in zip(x.shape, x.stride()) if sz != 1))
+    for stride, size in dims:
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def rows_like(streams, dtype):
+    """An output with the streams' layout when they share one (see shared_row_layout), else
+    contiguous, as the C++ ops allocate. Used by the fake kernels and the Triton ops."""
+    ref = streams[0]
+    if shared_row_layout(streams):
         return torch.empty_strided(ref.shape, ref.stride(), dtype=dtype, device=ref.device)
     return torch.empty(ref.shape, dtype=dtype, device=ref.device)
 

@@ -1,4 +1,4 @@
-// Registers the CUDA implementations of the pid_fast ops (kernels in pid_cuda.cu).
+// Registers the CUDA implementations of the pid_fast ops (kernels in pid_cuda_kernels.cu).
 #include <torch/library.h>
 
 #include "../pid_ops_impl.h"

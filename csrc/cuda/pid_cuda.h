@@ -1,4 +1,4 @@
-// Launchers of the CUDA kernels (pid_cuda.cu), called by the op bodies (pid_cuda.cpp).
+// Launchers of the CUDA kernels (pid_cuda_kernels.cu), called by the op bodies (pid_cuda.cpp).
 #pragma once
 
 #include "../pid_ops.h"
