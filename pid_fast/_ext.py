@@ -31,6 +31,12 @@ def load() -> None:
             "you use (see README.md).") from e
 
 
-def compiled_info() -> dict:
+@lru_cache(maxsize=None)
+def _info_json() -> str:
     load()
-    return json.loads(torch.ops.pid_fast.build_info())
+    return torch.ops.pid_fast.build_info()
+
+
+def compiled_info() -> dict:
+    """What the loaded library was compiled with: {"cpu": True, "cuda": bool, "cuda_archs"}."""
+    return json.loads(_info_json())

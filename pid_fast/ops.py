@@ -38,7 +38,7 @@ def triton_available() -> bool:
 
 def build_info() -> dict:
     """What this installation can run: the compiled CPU/CUDA kernels (with CUDA archs), Triton."""
-    info = {"torch": torch.__version__, **_ext.compiled_info()}
+    info = {"torch": torch.__version__, **_COMPILED}
     if triton_available():
         import triton
 
@@ -49,11 +49,15 @@ def build_info() -> dict:
     return info
 
 
+_ext.load()
+_COMPILED = _ext.compiled_info()  # read once: torch.compile traces the backend choice
+
+
 def available_backends(device: torch.device | str) -> list[str]:
     """Backends that can run on ``device`` in this installation."""
     device = torch.device(device)
     out = ["reference"]
-    info = _ext.compiled_info()
+    info = _COMPILED
     if device.type == "cpu":
         out.append("cpu")
         if triton_available() and os.environ.get("TRITON_INTERPRET") == "1":
@@ -166,11 +170,14 @@ def _fake_scale_rows(x, s1, s2=None):
 
 def _per_row_derivatives(t, t2, a1, b1, a2, b2, sigma_max):
     """d pred/d F(t) = b1 (1 - k) and d pred/d F(t2) = b2 k, with k = t/(t - t2)."""
-    t, t2 = t.float(), t2.float()
+    def f32(x):  # no aten::to call when already float32 (an op must not return its input)
+        return x if x.dtype == torch.float32 else x.float()
+
+    t, t2 = f32(t), f32(t2)
     if b1 is None:
         b1, b2 = 1.0 - t / sigma_max, 1.0 - t2 / sigma_max
     k = t / (t - t2)
-    return (b1.float() * (1.0 - k)).contiguous(), (b2.float() * k).contiguous()
+    return f32(b1) * (1.0 - k), f32(b2) * k
 
 
 def register_autograd(ns: str) -> None:
@@ -179,6 +186,7 @@ def register_autograd(ns: str) -> None:
     scale_rows = getattr(torch.ops, ns).scale_rows
 
     def assemble_setup(ctx, inputs, output):
+        ctx.mark_non_differentiable(output[1])  # the teacher's input is detached
         ctx.save_for_backward(inputs[3])  # b
 
     def assemble_backward(ctx, g_x, g_x_in):
@@ -187,6 +195,7 @@ def register_autograd(ns: str) -> None:
         return None, g_f, None, None, None, None
 
     def residual_setup(ctx, inputs, output):
+        ctx.mark_non_differentiable(output[1])  # the target is detached
         t, t2, a1, b1, a2, b2 = inputs[4:10]
         ctx.save_for_backward(*_per_row_derivatives(t, t2, a1, b1, a2, b2, inputs[12]))
 
@@ -199,14 +208,18 @@ def register_autograd(ns: str) -> None:
 
     def loss_setup(ctx, inputs, output):
         _, scale, d1, d2 = output
+        ctx.mark_non_differentiable(scale, d1, d2)
         ctx.need_grad = inputs[16]
-        ctx.save_for_backward(scale, d1, d2)
+        if ctx.need_grad:
+            ctx.save_for_backward(scale, d1, d2)
+        else:  # called with need_grad=False yet differentiated: recompute in backward
+            ctx.inputs = inputs
 
     def loss_backward(ctx, g_loss, *unused):
-        if not ctx.need_grad:
-            raise RuntimeError("pid_fast loss: backward called on a loss computed with "
-                               "need_grad=False")
-        scale, d1, d2 = ctx.saved_tensors
+        if ctx.need_grad:
+            scale, d1, d2 = ctx.saved_tensors
+        else:
+            _, scale, d1, d2 = getattr(torch.ops, ns).loss(*ctx.inputs[:16], True)
         g_loss = g_loss.float()
         # dL_b/dF = g_b * factor_b * dir (dir written by the forward pass).
         g1 = scale_rows(d1, g_loss, scale) if ctx.needs_input_grad[1] else None
@@ -220,11 +233,15 @@ def register_autograd(ns: str) -> None:
     torch.library.register_autograd(f"{ns}::loss", loss_backward, setup_context=loss_setup)
 
 
+def register_fakes(ns: str) -> None:
+    """Shape/layout functions of the ops in ``ns`` for FakeTensor tracing (torch.compile)."""
+    for name, fn in (("assemble", _fake_assemble), ("residual", _fake_residual),
+                     ("loss", _fake_loss), ("scale_rows", _fake_scale_rows)):
+        torch.library.register_fake(f"{ns}::{name}")(fn)
+
+
 _ext.load()
-torch.library.register_fake("pid_fast::assemble")(_fake_assemble)
-torch.library.register_fake("pid_fast::residual")(_fake_residual)
-torch.library.register_fake("pid_fast::loss")(_fake_loss)
-torch.library.register_fake("pid_fast::scale_rows")(_fake_scale_rows)
+register_fakes("pid_fast")
 register_autograd("pid_fast")
 
 

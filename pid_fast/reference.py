@@ -57,7 +57,7 @@ def residual_ref(noise, f_t, f_t2, teacher_out, t, t2, a1, b1, a2, b2, c_skip, c
 
 def reduce_ref(pred, target, norm="l2", huber_c=None, weight=None):
     """Per-sample distance d(pred, target), times an optional per-sample weight; float32 (B,)."""
-    r = (pred.to(_compute_dtype(pred)) - target.to(_compute_dtype(pred))).flatten(1)
+    r = (pred.to(_compute_dtype(pred)) - target.to(_compute_dtype(pred))).reshape(pred.shape[0], -1)
     if norm == "l2":
         loss = r.square().mean(1)
     elif norm == "l1":

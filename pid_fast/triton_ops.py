@@ -278,4 +278,7 @@ def scale_rows(x, s1, s2=None):
     return out
 
 
+# Explicit fake kernels (rather than tracing the launchers) also let FakeTensor tracing work
+# under TRITON_INTERPRET=1, where the interpreter would touch the fake tensors' memory.
+_ops.register_fakes(NS)
 _ops.register_autograd(NS)
