@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from functools import lru_cache
 from numbers import Number
 from typing import Optional
 
@@ -32,6 +33,7 @@ ENV_BACKEND = "PID_FAST_BACKEND"
 # Backends
 
 
+@lru_cache(maxsize=None)
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 

@@ -1,0 +1,126 @@
+"""Speed of the PID loss forward+backward: eager reference, reference under torch.compile,
+the fused C++ CPU op, the fused CUDA op and the Triton op.
+
+    make bench                      # CPU, 2 threads, 64x3x32x32 (the issue's CPU target)
+    pytest benchmarks/bench_pid_loss.py --benchmark-json=out.json   # on a GPU: GPU sizes too
+
+Each benchmark's extra_info holds the per-call time (ms), the bytes a fused fwd+bwd must move
+(read n, F(t), F(t2), G once; write both gradients once) and the GB/s that implies. On a GPU
+the copy bandwidth is measured in the same run (bench_copy) to compare against.
+"""
+
+import pytest
+import torch
+
+import pid_fast
+from pid_fast.testing import make_case
+
+HAS_CUDA = torch.cuda.is_available()
+CPU_SHAPES = [(64, 3, 32, 32)]
+GPU_SHAPES = [(512, 3, 32, 32), (256, 3, 64, 64)]
+VARIANTS = ["reference", "reference_compiled", "fused"]
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def make_step(case, variant, backend):
+    f_t = case.f_t.detach().requires_grad_()
+    f_t2 = case.f_t2.detach().requires_grad_()
+
+    def step():
+        loss = pid_fast.pid_loss(case.noise, f_t, f_t2, case.teacher_out, *case.coefs(),
+                                 backend=backend, validate=False).mean()
+        return torch.autograd.grad(loss, (f_t, f_t2))
+
+    if variant == "reference_compiled":
+        return torch.compile(step)
+    return step
+
+
+def run(benchmark, device, shape, variant, backend, reps):
+    torch.manual_seed(0)
+    case = make_case(shape, torch.float32, device)
+    step = make_step(case, variant, backend)
+    for _ in range(3):  # warm-up (and compilation)
+        step()
+    sync(device)
+
+    def many():
+        for _ in range(reps):
+            step()
+        sync(device)
+
+    benchmark.pedantic(many, rounds=10 if device == "cuda" else 5, iterations=1, warmup_rounds=1)
+    ms = benchmark.stats.stats.median * 1e3 / reps
+    nbytes = 6 * case.f_t.numel() * case.f_t.element_size()
+    benchmark.extra_info.update(
+        device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        threads=torch.get_num_threads(), shape=list(shape), variant=variant, backend=backend,
+        ms_per_call=ms, bytes=nbytes, GBps=nbytes / ms / 1e6)
+
+
+@pytest.mark.parametrize("shape", CPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("variant", VARIANTS)
+def bench_cpu_loss_fwd_bwd(benchmark, shape, variant):
+    backend = "cpu" if variant == "fused" else "reference"
+    run(benchmark, "cpu", shape, variant, backend, reps=5)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("variant,backend", [("reference", "reference"),
+                                             ("reference_compiled", "reference"),
+                                             ("fused", "cuda"), ("fused", "triton")])
+def bench_gpu_loss_fwd_bwd(benchmark, shape, variant, backend):
+    run(benchmark, "cuda", shape, variant, backend, reps=50)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def bench_gpu_fused_single_pass(benchmark, shape, backend):
+    """The loss op alone with need_grad=True: the one pass that reads 4 and writes 2 tensors
+    (what a trainer that applies the gradient itself pays; the autograd path adds a scaling
+    pass over both gradients)."""
+    case = make_case(shape, torch.float32, "cuda")
+    ops = pid_fast.ops._ops(backend)
+    args = (*case.streams(), case.t, case.t2, None, None, None, None, case.c_skip, case.c_out,
+            None, 80.0, 0, 0.0, True)
+    reps = 50
+    for _ in range(3):
+        ops.loss(*args)
+    sync("cuda")
+
+    def many():
+        for _ in range(reps):
+            ops.loss(*args)
+        sync("cuda")
+
+    benchmark.pedantic(many, rounds=10, iterations=1, warmup_rounds=1)
+    ms = benchmark.stats.stats.median * 1e3 / reps
+    nbytes = 6 * case.f_t.numel() * 4
+    benchmark.extra_info.update(device=torch.cuda.get_device_name(), shape=list(shape),
+                                variant="single_pass", backend=backend, ms_per_call=ms,
+                                bytes=nbytes, GBps=nbytes / ms / 1e6)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def bench_gpu_copy_bandwidth(benchmark):
+    """Device-to-device copy of 1 GiB: the bandwidth ceiling (bytes read + bytes written)."""
+    x = torch.randn(2**28, device="cuda")
+    y = torch.empty_like(x)
+    reps = 20
+
+    def many():
+        for _ in range(reps):
+            y.copy_(x)
+        sync("cuda")
+
+    benchmark.pedantic(many, rounds=5, iterations=1, warmup_rounds=1)
+    ms = benchmark.stats.stats.median * 1e3 / reps
+    nbytes = 2 * x.numel() * 4
+    benchmark.extra_info.update(device=torch.cuda.get_device_name(), variant="copy",
+                                ms_per_call=ms, bytes=nbytes, GBps=nbytes / ms / 1e6)
