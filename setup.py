@@ -56,7 +56,7 @@ def want_cuda():
 
 def extension():
     cxx = ["-O3", "-fopenmp"]  # torch picks the C++ standard it needs
-    sources = ["csrc/pid_ops.cpp", "csrc/cpu/pid_cpu.cpp", "csrc/pymodule.cpp"]
+    sources = ["csrc/pid_ops.cpp", "csrc/pid_autograd.cpp", "csrc/cpu/pid_cpu.cpp", "csrc/pymodule.cpp"]
     if not want_cuda():
         return cpp_extension.CppExtension(
             "pid_fast._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])

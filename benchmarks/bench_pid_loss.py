@@ -7,6 +7,10 @@ the fused C++ CPU op, the fused CUDA op and the Triton op.
 Each benchmark's extra_info holds the per-call time (ms), the bytes a fused fwd+bwd must move
 (read n, F(t), F(t2), G once; write both gradients once) and the GB/s that implies. On a GPU
 the copy bandwidth is measured in the same run (bench_copy) to compare against.
+
+GPU modes: "eager" launches every call from Python (host overhead included: what a bare loop
+pays), "graph" replays the call captured in a CUDA graph (device time: what a training step
+that is captured or host-bound elsewhere pays).
 """
 
 import pytest
@@ -40,12 +44,28 @@ def make_step(case, variant, backend):
     return step
 
 
-def run(benchmark, device, shape, variant, backend, reps):
+def graphed(step):
+    """Captures step() in a CUDA graph (after warm-up on a side stream); returns its replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+def run(benchmark, device, shape, variant, backend, reps, mode="eager"):
     torch.manual_seed(0)
     case = make_case(shape, torch.float32, device)
     step = make_step(case, variant, backend)
     for _ in range(3):  # warm-up (and compilation)
         step()
+    if mode == "graph":
+        step = graphed(step)
     sync(device)
 
     def many():
@@ -59,7 +79,7 @@ def run(benchmark, device, shape, variant, backend, reps):
     benchmark.extra_info.update(
         device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
         threads=torch.get_num_threads(), shape=list(shape), variant=variant, backend=backend,
-        ms_per_call=ms, bytes=nbytes, GBps=nbytes / ms / 1e6)
+        mode=mode, ms_per_call=ms, bytes=nbytes, GBps=nbytes / ms / 1e6)
 
 
 @pytest.mark.parametrize("shape", CPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
@@ -71,39 +91,42 @@ def bench_cpu_loss_fwd_bwd(benchmark, shape, variant):
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("mode", ["eager", "graph"])
 @pytest.mark.parametrize("variant,backend", [("reference", "reference"),
                                              ("reference_compiled", "reference"),
                                              ("fused", "cuda"), ("fused", "triton")])
-def bench_gpu_loss_fwd_bwd(benchmark, shape, variant, backend):
-    run(benchmark, "cuda", shape, variant, backend, reps=50)
+def bench_gpu_loss_fwd_bwd(benchmark, shape, variant, backend, mode):
+    if mode == "graph" and variant == "reference_compiled":
+        pytest.skip("torch.compile(mode='reduce-overhead') is the compiled graph variant")
+    run(benchmark, "cuda", shape, variant, backend, reps=50, mode=mode)
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def bench_gpu_fused_single_pass(benchmark, shape, backend):
-    """The loss op alone with need_grad=True: the one pass that reads 4 and writes 2 tensors
-    (what a trainer that applies the gradient itself pays; the autograd path adds a scaling
-    pass over both gradients)."""
+    """The loss op alone with need_grad=True, graph-replayed: the one pass that reads 4 and
+    writes 2 tensors (what a trainer that applies the gradient itself pays; the autograd path
+    adds a scaling pass over both gradients)."""
     case = make_case(shape, torch.float32, "cuda")
     ops = pid_fast.ops._ops(backend)
     args = (*case.streams(), case.t, case.t2, None, None, None, None, case.c_skip, case.c_out,
             None, 80.0, 0, 0.0, True)
     reps = 50
-    for _ in range(3):
-        ops.loss(*args)
+    replay = graphed(lambda: ops.loss(*args))
     sync("cuda")
 
     def many():
         for _ in range(reps):
-            ops.loss(*args)
+            replay()
         sync("cuda")
 
     benchmark.pedantic(many, rounds=10, iterations=1, warmup_rounds=1)
     ms = benchmark.stats.stats.median * 1e3 / reps
     nbytes = 6 * case.f_t.numel() * 4
     benchmark.extra_info.update(device=torch.cuda.get_device_name(), shape=list(shape),
-                                variant="single_pass", backend=backend, ms_per_call=ms,
+                                variant="single_pass", backend=backend, mode="graph",
+                                ms_per_call=ms,
                                 bytes=nbytes, GBps=nbytes / ms / 1e6)
 
 

@@ -7,7 +7,7 @@ coefficients are scalars in the program. The loss writes one partial sum per pro
 second small kernel reduces them per row (in order: deterministic) and applies the norm.
 """
 
-from __future__ import annotations
+from typing import Optional
 
 import torch
 import triton
@@ -202,10 +202,14 @@ def _pid_coefs(op, B, device, t, t2, a1, b1, a2, b2, c_skip, c_out):
     return cs, has_ab
 
 
-@triton_op(f"{NS}::assemble", mutates_args=(),
-           schema="(Tensor noise, Tensor f, Tensor a, Tensor b, Tensor c_in, "
-                  "ScalarType? out_dtype=None) -> (Tensor, Tensor)")
-def assemble(noise, f, a, b, c_in, out_dtype=None):
+# Schemas are inferred from the annotations (the same as the C++ ops' schemas).
+T = torch.Tensor
+OptT = Optional[torch.Tensor]
+
+
+@triton_op(f"{NS}::assemble", mutates_args=())
+def assemble(noise: T, f: T, a: T, b: T, c_in: T,
+             out_dtype: Optional[torch.dtype] = None) -> tuple[T, T]:
     (noise, f), B, D = _streams("assemble", [("noise", noise), ("f", f)])
     a, b, c_in = (_coef("assemble", n, v, B, noise.device)
                   for n, v in (("a", a), ("b", b), ("c_in", c_in)))
@@ -217,11 +221,9 @@ def assemble(noise, f, a, b, c_in, out_dtype=None):
     return x, x_in
 
 
-@triton_op(f"{NS}::residual", mutates_args=(),
-           schema="(Tensor noise, Tensor f_t, Tensor f_t2, Tensor teacher_out, Tensor t, "
-                  "Tensor t2, Tensor? a1, Tensor? b1, Tensor? a2, Tensor? b2, Tensor c_skip, "
-                  "Tensor c_out, float sigma_max) -> (Tensor, Tensor)")
-def residual(noise, f_t, f_t2, teacher_out, t, t2, a1, b1, a2, b2, c_skip, c_out, sigma_max):
+@triton_op(f"{NS}::residual", mutates_args=())
+def residual(noise: T, f_t: T, f_t2: T, teacher_out: T, t: T, t2: T, a1: OptT, b1: OptT,
+             a2: OptT, b2: OptT, c_skip: T, c_out: T, sigma_max: float) -> tuple[T, T]:
     streams, B, D = _streams("residual", [("noise", noise), ("f_t", f_t), ("f_t2", f_t2),
                                           ("teacher_out", teacher_out)])
     coefs, has_ab = _pid_coefs("residual", B, noise.device, t, t2, a1, b1, a2, b2, c_skip, c_out)
@@ -233,13 +235,10 @@ def residual(noise, f_t, f_t2, teacher_out, t, t2, a1, b1, a2, b2, c_skip, c_out
     return pred, target
 
 
-@triton_op(f"{NS}::loss", mutates_args=(),
-           schema="(Tensor noise, Tensor f_t, Tensor f_t2, Tensor teacher_out, Tensor t, "
-                  "Tensor t2, Tensor? a1, Tensor? b1, Tensor? a2, Tensor? b2, Tensor c_skip, "
-                  "Tensor c_out, Tensor? weight, float sigma_max, int norm, float huber_c, "
-                  "bool need_grad) -> (Tensor, Tensor, Tensor, Tensor)")
-def loss(noise, f_t, f_t2, teacher_out, t, t2, a1, b1, a2, b2, c_skip, c_out, weight, sigma_max,
-         norm, huber_c, need_grad):
+@triton_op(f"{NS}::loss", mutates_args=())
+def loss(noise: T, f_t: T, f_t2: T, teacher_out: T, t: T, t2: T, a1: OptT, b1: OptT, a2: OptT,
+         b2: OptT, c_skip: T, c_out: T, weight: OptT, sigma_max: float, norm: int,
+         huber_c: float, need_grad: bool) -> tuple[T, T, T, T]:
     if norm not in (0, 1, 2) or (norm == 2 and not huber_c > 0):
         raise ValueError(f"loss: bad norm {norm} / huber_c {huber_c}")
     streams, B, D = _streams("loss", [("noise", noise), ("f_t", f_t), ("f_t2", f_t2),
@@ -265,9 +264,8 @@ def loss(noise, f_t, f_t2, teacher_out, t, t2, a1, b1, a2, b2, c_skip, c_out, we
     return out, scale, d1, d2
 
 
-@triton_op(f"{NS}::scale_rows", mutates_args=(),
-           schema="(Tensor x, Tensor s1, Tensor? s2=None) -> Tensor")
-def scale_rows(x, s1, s2=None):
+@triton_op(f"{NS}::scale_rows", mutates_args=())
+def scale_rows(x: T, s1: T, s2: OptT = None) -> T:
     (x,), B, D = _streams("scale_rows", [("x", x)])
     s1 = _coef("scale_rows", "s1", s1, B, x.device)
     s2 = _coef("scale_rows", "s2", s2, B, x.device)

@@ -34,12 +34,13 @@ def device_of(backend):
 
 def truth(case, norm, huber_c, weight=True):
     """Loss and gradients of the float64 reference on the case's inputs."""
-    up = [x.detach().double().requires_grad_(i in (1, 2)) for i, x in enumerate(case.streams())]
-    a1, b1 = reference.boundary_coefficients(case.t.double(), case.sigma_max)
-    a2, b2 = reference.boundary_coefficients(case.t2.double(), case.sigma_max)
-    w = case.weight.double() if weight else None
-    loss = reference.loss_ref(*up, case.t.double(), case.t2.double(), a1, b1, a2, b2,
-                              case.c_skip.double(), case.c_out.double(), norm, huber_c, w)
+    up = [x.detach().cpu().double().requires_grad_(i in (1, 2))
+          for i, x in enumerate(case.streams())]
+    t, t2, c_skip, c_out, w = (v.cpu().double() for v in (*case.coefs(), case.weight))
+    a1, b1 = reference.boundary_coefficients(t, case.sigma_max)
+    a2, b2 = reference.boundary_coefficients(t2, case.sigma_max)
+    loss = reference.loss_ref(*up, t, t2, a1, b1, a2, b2, c_skip, c_out, norm, huber_c,
+                              w if weight else None)
     g_out = torch.linspace(0.5, 1.5, loss.shape[0], dtype=torch.float64)
     loss.backward(g_out)
     return loss.detach(), up[1].grad, up[2].grad, g_out
@@ -144,16 +145,17 @@ def test_residual_matches_reference(backend, dtype):
     f_t2 = case.f_t2.detach().requires_grad_()
     pred, target = pid_fast.pid_residual(case.noise, f_t, f_t2, case.teacher_out, *case.coefs(),
                                          backend=backend)
-    up = [x.detach().double().requires_grad_(i in (1, 2)) for i, x in enumerate(case.streams())]
-    a1, b1 = reference.boundary_coefficients(case.t.double(), 80.0)
-    a2, b2 = reference.boundary_coefficients(case.t2.double(), 80.0)
-    rp, rt = reference.residual_ref(*up, case.t.double(), case.t2.double(), a1, b1, a2, b2,
-                                    case.c_skip.double(), case.c_out.double())
+    up = [x.detach().cpu().double().requires_grad_(i in (1, 2))
+          for i, x in enumerate(case.streams())]
+    t, t2, c_skip, c_out = (v.cpu().double() for v in case.coefs())
+    a1, b1 = reference.boundary_coefficients(t, 80.0)
+    a2, b2 = reference.boundary_coefficients(t2, 80.0)
+    rp, rt = reference.residual_ref(*up, t, t2, a1, b1, a2, b2, c_skip, c_out)
     tol = STORE_TOL[dtype]
     assert pred.dtype == dtype and rel_err(pred.cpu(), rp) < tol and rel_err(target.cpu(), rt) < tol
     assert not target.requires_grad  # the target is detached: only pred carries gradient
     g = torch.randn(pred.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    (pred.double().cpu() * g).sum().backward()
+    (pred.cpu().double() * g).sum().backward()
     (rp * g).sum().backward()
     assert rel_err(f_t.grad.cpu(), up[1].grad) < tol
     assert rel_err(f_t2.grad.cpu(), up[2].grad) < tol
@@ -170,14 +172,14 @@ def test_assemble_matches_reference(backend, dtype, out_dtype):
     f = case.f_t.detach().requires_grad_()
     x, x_in = pid_fast.pid_assemble(case.noise, f, a, b, c_in, out_dtype=out_dtype,
                                     backend=backend)
-    fd = f.detach().double().requires_grad_()
-    rx, rxi = reference.assemble_ref(case.noise.double(), fd, a.double(), b.double(),
-                                     c_in.double())
+    fd = f.detach().cpu().double().requires_grad_()
+    rx, rxi = reference.assemble_ref(case.noise.cpu().double(), fd, a.cpu().double(),
+                                     b.cpu().double(), c_in.cpu().double())
     assert x_in.dtype == (out_dtype or dtype) and not x_in.requires_grad
     assert rel_err(x.cpu(), rx) < STORE_TOL[dtype]
     assert rel_err(x_in.cpu(), rxi) < STORE_TOL[out_dtype or dtype]
     g = torch.randn(x.shape, dtype=torch.float64)
-    (x.double().cpu() * g).sum().backward()
+    (x.cpu().double() * g).sum().backward()
     (rx * g).sum().backward()
     assert rel_err(f.grad.cpu(), fd.grad) < STORE_TOL[dtype]
 
@@ -418,3 +420,24 @@ def test_gpu_int64_indexing():
     assert float(out[0, -1]) == 2.0 and float(out[1, -1]) == 1.5 and float(out[1, 0]) == 0.5
     del out, x
     torch.cuda.empty_cache()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_torch_compile(backend):
+    case = make_case((8, 3, 16, 16), torch.bfloat16, "cuda", seed=15)
+
+    def step(f_t, f_t2):
+        return pid_fast.pid_loss(case.noise, f_t, f_t2, case.teacher_out, *case.coefs(),
+                                 norm="huber", huber_c=0.03, backend=backend).mean()
+
+    compiled = torch.compile(step, fullgraph=True)
+    results = []
+    for fn in (step, compiled):
+        f_t = case.f_t.detach().requires_grad_()
+        f_t2 = case.f_t2.detach().requires_grad_()
+        loss = fn(f_t, f_t2)
+        loss.backward()
+        results.append((loss.detach(), f_t.grad, f_t2.grad))
+    for eager, comp in zip(*results):
+        torch.testing.assert_close(comp, eager, rtol=1e-2, atol=1e-4)

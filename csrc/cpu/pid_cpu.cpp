@@ -11,14 +11,17 @@
 namespace pid_fast {
 namespace {
 
-constexpr int64_t kChunk = 8192;  // elements per work item
+constexpr int64_t kChunk = 8192;   // elements per work item
+constexpr int64_t kGrain = 65536;  // elements below which one thread does the whole op
 constexpr int kLanes = 8;
 
-// Runs fn(row, begin, end) over every chunk of every row, in parallel.
+// Runs fn(row, item, begin, end) over every chunk of every row, in parallel when there is
+// enough work (waking threads for a small op costs more than it saves).
 template <class Fn>
 void for_each_chunk(const Rows& rows, const Fn& fn) {
   const int64_t nchunks = num_chunks(rows.D, kChunk);
-  at::parallel_for(0, rows.B * nchunks, 1, [&](int64_t lo, int64_t hi) {
+  const int64_t grain = std::max<int64_t>(1, kGrain / std::min(rows.D, kChunk));
+  at::parallel_for(0, rows.B * nchunks, grain, [&](int64_t lo, int64_t hi) {
     for (int64_t item = lo; item < hi; ++item) {
       const int64_t row = item / nchunks, ch = item % nchunks;
       const int64_t begin = row * rows.D + ch * kChunk;

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine (torch there, no registry): build the extension for sm_90,
+# run the CUDA tests and the GPU benchmarks, and write everything under $OUT.
+#   device run:  bash benchmarks/gpu_check.sh
+set -uo pipefail
+OUT=${OUT:-/tmp/pid_fast_gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
+export PID_FAST_CUDA=1
+PY=${PY:-python3}
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
+$PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+
+start=$(date +%s)
+$PY -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 \
+  || { echo "BUILD FAILED"; tail -40 "$OUT/build.log"; exit 1; }
+echo "build_s $(( $(date +%s) - start ))" | tee -a "$OUT/gpu.txt"
+$PY -c "import pid_fast, json; print(json.dumps(pid_fast.build_info()))" | tee -a "$OUT/gpu.txt"
+
+# Correctness on the GPU: the whole ops suite (CUDA-marked tests included).
+timeout 300 $PY -m pytest tests/test_ops.py -q -p no:cacheprovider -x \
+  --junitxml="$OUT/tests.xml" ${PID_FAST_TEST_ARGS:-} > "$OUT/tests.log" 2>&1
+echo "tests rc=$?"; tail -5 "$OUT/tests.log"
+
+# Speed: loss op benchmarks (+ copy bandwidth) and any other GPU benchmarks present.
+timeout 300 $PY -m pytest benchmarks -c benchmarks/pytest.ini -q -p no:cacheprovider \
+  --benchmark-json="$OUT/bench.json" --benchmark-columns=median,rounds > "$OUT/bench.log" 2>&1
+echo "bench rc=$?"
+$PY benchmarks/summarize.py "$OUT/bench.json" | tee "$OUT/summary.md"
