@@ -25,6 +25,16 @@ GPU_SHAPES = [(512, 3, 32, 32), (256, 3, 64, 64)]
 VARIANTS = ["reference", "reference_compiled", "fused"]
 
 
+def record(benchmark, reps, nbytes, **info):
+    """Per-call time and achieved bandwidth into extra_info (skipped under --benchmark-disable,
+    where pytest-benchmark runs the function once and keeps no statistics)."""
+    info["bytes"] = nbytes
+    if benchmark.stats is not None:
+        ms = benchmark.stats.stats.median * 1e3 / reps
+        info.update(ms_per_call=ms, GBps=nbytes / ms / 1e6)
+    benchmark.extra_info.update(info)
+
+
 def sync(device):
     if device == "cuda":
         torch.cuda.synchronize()
@@ -74,12 +84,10 @@ def run(benchmark, device, shape, variant, backend, reps, mode="eager"):
         sync(device)
 
     benchmark.pedantic(many, rounds=10 if device == "cuda" else 5, iterations=1, warmup_rounds=1)
-    ms = benchmark.stats.stats.median * 1e3 / reps
-    nbytes = 6 * case.f_t.numel() * case.f_t.element_size()
-    benchmark.extra_info.update(
-        device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
-        threads=torch.get_num_threads(), shape=list(shape), variant=variant, backend=backend,
-        mode=mode, ms_per_call=ms, bytes=nbytes, GBps=nbytes / ms / 1e6)
+    record(benchmark, reps, 6 * case.f_t.numel() * case.f_t.element_size(),
+           device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
+           threads=torch.get_num_threads(), shape=list(shape), variant=variant,
+           backend=backend, mode=mode)
 
 
 @pytest.mark.parametrize("shape", CPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
@@ -122,12 +130,8 @@ def bench_gpu_fused_single_pass(benchmark, shape, backend):
         sync("cuda")
 
     benchmark.pedantic(many, rounds=10, iterations=1, warmup_rounds=1)
-    ms = benchmark.stats.stats.median * 1e3 / reps
-    nbytes = 6 * case.f_t.numel() * 4
-    benchmark.extra_info.update(device=torch.cuda.get_device_name(), shape=list(shape),
-                                variant="single_pass", backend=backend, mode="graph",
-                                ms_per_call=ms,
-                                bytes=nbytes, GBps=nbytes / ms / 1e6)
+    record(benchmark, reps, 6 * case.f_t.numel() * 4, device=torch.cuda.get_device_name(),
+           shape=list(shape), variant="single_pass", backend=backend, mode="graph")
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
@@ -143,7 +147,5 @@ def bench_gpu_copy_bandwidth(benchmark):
         sync("cuda")
 
     benchmark.pedantic(many, rounds=5, iterations=1, warmup_rounds=1)
-    ms = benchmark.stats.stats.median * 1e3 / reps
-    nbytes = 2 * x.numel() * 4
-    benchmark.extra_info.update(device=torch.cuda.get_device_name(), variant="copy",
-                                ms_per_call=ms, bytes=nbytes, GBps=nbytes / ms / 1e6)
+    record(benchmark, reps, 2 * x.numel() * 4, device=torch.cuda.get_device_name(),
+           variant="copy")
