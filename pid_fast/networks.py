@@ -551,7 +551,7 @@ NETWORK_CONFIGS: dict[str, dict[str, Any]] = {
     "imagenet64-adm": dict(model_type="DhariwalUNet", img_resolution=64, in_channels=3, out_channels=3,
                            label_dim=1000, model_channels=192, channel_mult=(1, 2, 3, 4), channel_mult_emb=4,
                            num_blocks=3, attn_resolutions=(32, 16, 8), dropout=0.10),
-    # Small configurations for tests and the CPU demo (8x8 images, a few 10k parameters).
+    # Small configurations for tests and the CPU demo (8x8 images, about 0.18M parameters).
     "tiny-ddpmpp": dict(_DDPMPP, img_resolution=8, in_channels=3, out_channels=3, label_dim=0,
                         model_channels=16, channel_mult=(1, 2), channel_mult_emb=2, num_blocks=1,
                         attn_resolutions=(4,), dropout=0.0),

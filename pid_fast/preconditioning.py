@@ -213,8 +213,10 @@ class VPPrecond(Preconditioning):
         self.sigma_max = float(self.sigma(1))
 
     def sigma(self, t: Any) -> torch.Tensor:
-        t = torch.as_tensor(t)
-        return ((0.5 * self.beta_d * t ** 2 + self.beta_min * t).exp() - 1).sqrt()
+        # expm1 in fp64: exp(x) - 1 in fp32 loses most digits at t = epsilon_t (EDM's
+        # sigma_min comes out as 0.000977 instead of 0.0010005).
+        t = torch.as_tensor(t, dtype=torch.float64)
+        return torch.expm1(0.5 * self.beta_d * t ** 2 + self.beta_min * t).sqrt()
 
     def sigma_inv(self, sigma: Any) -> torch.Tensor:
         # Solve beta_d t^2 / 2 + beta_min t = ln(1 + sigma^2) for t >= 0.

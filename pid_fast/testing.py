@@ -56,12 +56,12 @@ def make_case(shape, dtype=torch.float32, device="cpu", *, num_points=250, sigma
         full = list(shape)
         if layout == "strided" or (layout == "mixed" and k % 2):
             full[-1] = full[-1] * 2
-        x = (torch.randn(full, generator=g) * scale).to(dtype)
+        x = (torch.randn(full, generator=g) * scale).to(device=device, dtype=dtype)
         if layout == "strided" or (layout == "mixed" and k % 2):
-            x = x[..., ::2]
+            x = x[..., ::2]  # sliced on the device: .to(device) would make it contiguous
         if layout == "channels_last":
             x = x.contiguous(memory_format=torch.channels_last)
-        return x.to(device)
+        return x
 
     return PIDCase(
         noise=rand(sigma_max, 0), f_t=rand(1.0, 1), f_t2=rand(1.0, 2), teacher_out=rand(1.0, 3),

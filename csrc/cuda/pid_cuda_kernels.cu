@@ -1,15 +1,18 @@
 // CUDA kernels of the pid_fast ops. Only ATen core headers here (no torch/extension.h) to keep
 // nvcc fast; the op bodies and registration are in pid_cuda.cpp.
 //
-// Work split: every row (sample) of D elements is cut into chunks of kThreads*VEC*kUnroll
+// Work split: every row (sample) of D elements is cut into chunks of kThreads*VEC*iters
 // elements, one thread block per (row, chunk), flattened on grid.x. Loads and stores are
 // 16 bytes wide (VEC = 16 / sizeof(T)) when every pointer is aligned and D % VEC == 0, so a
 // vector never straddles two rows. Offsets are int64. Arithmetic is float32.
+// Results are deterministic: per-chunk partial sums are reduced in a fixed order.
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+
+#include <cstdlib>
 
 #include "../pid_dispatch.h"
 #include "pid_cuda.h"
@@ -18,7 +21,14 @@ namespace pid_fast {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kUnroll = 4;
+
+// Vector iterations per thread per chunk (chunk = kThreads * VEC * iters elements). A tuning
+// knob: PID_FAST_CUDA_ITERS (default 4), read at each launch so a benchmark can sweep it.
+int chunk_iters() {
+  const char* v = std::getenv("PID_FAST_CUDA_ITERS");
+  const int it = v ? std::atoi(v) : 0;
+  return it > 0 ? it : 4;
+}
 
 template <typename T, int VEC>
 struct alignas(sizeof(T) * VEC) Pack {
@@ -203,7 +213,7 @@ struct Launch {
 
 Launch plan(const Rows& rows, int vec) {
   Launch L;
-  L.chunk = (int64_t)kThreads * vec * kUnroll;
+  L.chunk = (int64_t)kThreads * vec * chunk_iters();
   L.nchunks = num_chunks(rows.D, L.chunk);
   const int64_t blocks = rows.B * L.nchunks;
   TORCH_CHECK(blocks < (int64_t{1} << 31), "pid_fast: tensor too large for one launch");
