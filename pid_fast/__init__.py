@@ -5,8 +5,10 @@ Entry points:
   pid_residual(...)  pred and target, for a norm computed by another network (LPIPS)
   pid_assemble(...)  the student's state x = a n + b F and the teacher's input c_in x
   build_info()       what was compiled (CPU, CUDA + archs) and whether Triton is usable
+  PIDLoss            the drop-in loss module: loss = PIDLoss(teacher)(student_net, noise)
 """
 
+from pid_fast.loss import PIDLoss, pid_distillation_loss
 from pid_fast.ops import (
     BACKENDS,
     available_backends,
@@ -21,6 +23,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
+    "PIDLoss",
+    "pid_distillation_loss",
     "available_backends",
     "build_info",
     "pid_assemble",

@@ -55,5 +55,13 @@ def convert(source: str, destination: str, key: str, expect: str | None, overwri
                + (f", dropped {len(ckpt.dropped_keys)} map_augment tensor(s)" if ckpt.dropped_keys else ""))
 
 
+def _register_commands() -> None:
+    from pid_fast import train_cli
+
+    train_cli.register(main)  # distill, sample
+
+
+_register_commands()
+
 if __name__ == "__main__":  # pragma: no cover
     main()
