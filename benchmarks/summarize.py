@@ -11,7 +11,8 @@ def main(path):
     rows = [b["extra_info"] | {"name": b["name"]} for b in data["benchmarks"]]
     copy = [r for r in rows if r.get("variant") == "copy"]
     copy_gbps = copy[0]["GBps"] if copy else None
-    dev = rows[0].get("device", "?") if rows else "?"
+    devs = sorted({r.get("device", "?") for r in rows})
+    dev = ", ".join(devs)
     print(f"device: {dev}" + (f"; copy bandwidth {copy_gbps:.0f} GB/s" if copy_gbps else ""))
     print("| benchmark | shape | variant | backend | mode | ms/call | GB/s | % of copy |")
     print("|---|---|---|---|---|---|---|---|")

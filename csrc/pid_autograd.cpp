@@ -144,9 +144,10 @@ class LossFn : public torch::autograd::Function<LossFn> {
       d1 = saved[1];
       d2 = saved[2];
     }
-    const Tensor g_loss = f32(g[0]);
-    if (ctx->needs_input_grad(1)) out[1] = scale_rows(d1, g_loss, scale);
-    if (ctx->needs_input_grad(2)) out[2] = scale_rows(d2, g_loss, scale);
+    // One B-sized product (g is often an expanded scalar from .mean()), then one pass each.
+    const Tensor k = f32(g[0]) * scale;
+    if (ctx->needs_input_grad(1)) out[1] = scale_rows(d1, k);
+    if (ctx->needs_input_grad(2)) out[2] = scale_rows(d2, k);
     return out;
   }
 };

@@ -33,10 +33,10 @@ void for_each_chunk(const Rows& rows, const Fn& fn) {
 template <typename T, typename TO>
 void assemble_kernel(const Rows& rows, const float* a, const float* b, const float* c_in,
                      at::Tensor& x, at::Tensor& x_in) {
-  const T* n = rows.streams[0].const_data_ptr<T>();
-  const T* f = rows.streams[1].const_data_ptr<T>();
-  T* xo = x.mutable_data_ptr<T>();
-  TO* xi = x_in.mutable_data_ptr<TO>();
+  const T* __restrict__ n = rows.streams[0].const_data_ptr<T>();
+  const T* __restrict__ f = rows.streams[1].const_data_ptr<T>();
+  T* __restrict__ xo = x.mutable_data_ptr<T>();
+  TO* __restrict__ xi = x_in.mutable_data_ptr<TO>();
   for_each_chunk(rows, [&](int64_t row, int64_t, int64_t begin, int64_t end) {
     const float ar = a[row], br = b[row], cr = c_in[row];
     for (int64_t j = begin; j < end; ++j) {
@@ -49,12 +49,12 @@ void assemble_kernel(const Rows& rows, const float* a, const float* b, const flo
 
 template <typename T>
 void residual_kernel(const Rows& rows, at::Tensor& pred, at::Tensor& target) {
-  const T* n = rows.streams[0].const_data_ptr<T>();
-  const T* f1 = rows.streams[1].const_data_ptr<T>();
-  const T* f2 = rows.streams[2].const_data_ptr<T>();
-  const T* g = rows.streams[3].const_data_ptr<T>();
-  T* po = pred.mutable_data_ptr<T>();
-  T* to = target.mutable_data_ptr<T>();
+  const T* __restrict__ n = rows.streams[0].const_data_ptr<T>();
+  const T* __restrict__ f1 = rows.streams[1].const_data_ptr<T>();
+  const T* __restrict__ f2 = rows.streams[2].const_data_ptr<T>();
+  const T* __restrict__ g = rows.streams[3].const_data_ptr<T>();
+  T* __restrict__ po = pred.mutable_data_ptr<T>();
+  T* __restrict__ to = target.mutable_data_ptr<T>();
   for_each_chunk(rows, [&](int64_t row, int64_t, int64_t begin, int64_t end) {
     const RowCoefs rc = row_coefs(rows.ptrs, row);
     for (int64_t j = begin; j < end; ++j) {
@@ -66,11 +66,11 @@ void residual_kernel(const Rows& rows, at::Tensor& pred, at::Tensor& target) {
 }
 
 template <typename T, int NORM, bool GRAD>
-void loss_kernel(const Rows& rows, float* partial, T* d1, T* d2) {
-  const T* n = rows.streams[0].const_data_ptr<T>();
-  const T* f1 = rows.streams[1].const_data_ptr<T>();
-  const T* f2 = rows.streams[2].const_data_ptr<T>();
-  const T* g = rows.streams[3].const_data_ptr<T>();
+void loss_kernel(const Rows& rows, float* partial, T* __restrict__ d1, T* __restrict__ d2) {
+  const T* __restrict__ n = rows.streams[0].const_data_ptr<T>();
+  const T* __restrict__ f1 = rows.streams[1].const_data_ptr<T>();
+  const T* __restrict__ f2 = rows.streams[2].const_data_ptr<T>();
+  const T* __restrict__ g = rows.streams[3].const_data_ptr<T>();
   for_each_chunk(rows, [&](int64_t row, int64_t item, int64_t begin, int64_t end) {
     const RowCoefs rc = row_coefs(rows.ptrs, row);
     const float qn = rc.pn - rc.tn, q1 = rc.p1 - rc.t1, q2 = rc.p2, qg = -rc.tg;
@@ -105,8 +105,8 @@ void loss_kernel(const Rows& rows, float* partial, T* d1, T* d2) {
 
 template <typename T>
 void scale_rows_kernel(const Rows& rows, const float* s1, const float* s2, at::Tensor& out) {
-  const T* x = rows.streams[0].const_data_ptr<T>();
-  T* o = out.mutable_data_ptr<T>();
+  const T* __restrict__ x = rows.streams[0].const_data_ptr<T>();
+  T* __restrict__ o = out.mutable_data_ptr<T>();
   for_each_chunk(rows, [&](int64_t row, int64_t, int64_t begin, int64_t end) {
     const float s = s2 ? s1[row] * s2[row] : s1[row];
     for (int64_t j = begin; j < end; ++j) o[j] = (T)(s * (float)x[j]);
