@@ -49,6 +49,7 @@ class AssembleFn : public torch::autograd::Function<AssembleFn> {
                                const Tensor& a, const Tensor& b, const Tensor& c_in,
                                std::optional<at::ScalarType> out_dtype) {
     static auto h = op<AssembleSig>("pid_fast::assemble");
+    ctx->set_materialize_grads(false);  // no zero tensors for the outputs nobody differentiates
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [x, x_in] = h.call(noise, f, a, b, c_in, out_dtype);
     ctx->save_for_backward({b});
@@ -70,6 +71,7 @@ class ResidualFn : public torch::autograd::Function<ResidualFn> {
                                const OptT& b2, const Tensor& c_skip, const Tensor& c_out,
                                double sigma_max) {
     static auto h = op<ResidualSig>("pid_fast::residual");
+    ctx->set_materialize_grads(false);
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [pred, target] =
         h.call(noise, f_t, f_t2, teacher_out, t, t2, a1, b1, a2, b2, c_skip, c_out, sigma_max);
@@ -103,6 +105,7 @@ class LossFn : public torch::autograd::Function<LossFn> {
                                const OptT& weight, double sigma_max, int64_t norm,
                                double huber_c, bool need_grad) {
     static auto h = op<LossSig>("pid_fast::loss");
+    ctx->set_materialize_grads(false);
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [loss, scale, d1, d2] = h.call(noise, f_t, f_t2, teacher_out, t, t2, a1, b1, a2, b2,
                                         c_skip, c_out, weight, sigma_max, norm, huber_c,
