@@ -17,6 +17,13 @@ def main(path):
     print("| benchmark | shape | variant | backend | mode | ms/call | GB/s | % of copy |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
+        if "ms_per_step" in r:  # bench_step.py
+            mfu = r.get("mfu_vs_bf16_matmul")
+            line = (f"| {r['name'].split('[')[0]} | {r['network']} x{r['batch']} | {r['variant']} "
+                    f"| {r['images_per_s']:.0f} img/s | {r['ms_per_step']:.1f} ms/step "
+                    f"| {r.get('peak_mem_GiB', 0):.2f} GiB peak | {r['tflops']:.1f} TFLOP/s |")
+            print(line + (f" MFU {100 * mfu:.1f}% |" if mfu else ""))
+            continue
         if r.get("variant") == "copy" or "ms_per_call" not in r:
             continue
         pct = f"{100 * r['GBps'] / copy_gbps:.0f}%" if copy_gbps and "GBps" in r else ""
