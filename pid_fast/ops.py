@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from functools import lru_cache
 from numbers import Number
 from typing import Optional
 
@@ -33,9 +32,11 @@ ENV_BACKEND = "PID_FAST_BACKEND"
 # Backends
 
 
-@lru_cache(maxsize=None)
+_HAS_TRITON = importlib.util.find_spec("triton") is not None  # once: dynamo won't trace find_spec
+
+
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _HAS_TRITON
 
 
 def build_info() -> dict:
