@@ -3,6 +3,8 @@
 # run the CUDA tests and the GPU benchmarks, and write everything under $OUT.
 #   device run:  bash benchmarks/gpu_check.sh
 # Each stage has its own time limit so that a slow stage cannot eat the others' results.
+# $OUT gets 8 files (the device tool returns at most 8): gpu.txt build.log tests.log bench.log
+# bench_loss.json sweep.json bench_step.json summary.md.
 set -uo pipefail
 OUT=${OUT:-/tmp/pid_fast_gpu}
 mkdir -p "$OUT"
@@ -18,20 +20,24 @@ $PY -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 \
 echo "build_s $(( $(date +%s) - start ))" | tee -a "$OUT/gpu.txt"
 $PY -c "import pid_fast, json; print(json.dumps(pid_fast.build_info()))" | tee -a "$OUT/gpu.txt"
 
-# Correctness on the GPU: the ops suite, CUDA-marked tests included.
-timeout ${PID_FAST_TEST_TIMEOUT:-110} $PY -m pytest tests/test_ops.py -q -p no:cacheprovider \
-  --junitxml="$OUT/tests.xml" ${PID_FAST_TEST_ARGS:-} > "$OUT/tests.log" 2>&1
-echo "tests rc=$?"; grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20; tail -1 "$OUT/tests.log"
+# Correctness on the GPU: the CUDA/Triton-vs-reference tests first, then the whole ops suite,
+# each file in its own process (a crash in one cannot hide the other's results).
+for f in tests/test_ops_cuda.py tests/test_ops.py; do
+  timeout ${PID_FAST_TEST_TIMEOUT:-90} $PY -X faulthandler -m pytest "$f" -q -p no:cacheprovider \
+    ${PID_FAST_TEST_ARGS:-} > "$OUT/part.log" 2>&1
+  echo "$f rc=$?"; grep -E "^(FAILED|ERROR)|Fatal Python|line [0-9]+ in test_" "$OUT/part.log" | head -10
+  tail -1 "$OUT/part.log"; cat "$OUT/part.log" >> "$OUT/tests.log"; rm "$OUT/part.log"
+done
 
 # Speed of the loss op: eager / compiled reference, CUDA and Triton ops (+ copy bandwidth).
-timeout 70 $PY -m pytest benchmarks/bench_pid_loss.py -c benchmarks/pytest.ini -q \
-  -p no:cacheprovider --benchmark-json="$OUT/bench_loss.json" > "$OUT/bench_loss.log" 2>&1
+timeout 150 $PY -m pytest benchmarks/bench_pid_loss.py -c benchmarks/pytest.ini -q \
+  -p no:cacheprovider --benchmark-json="$OUT/bench_loss.json" >> "$OUT/bench.log" 2>&1
 echo "bench_loss rc=$?"
 timeout 25 $PY benchmarks/sweep_cuda_chunk.py "$OUT/sweep.json"
 
 # The whole training step (official-style vs pid_fast default) and the bf16 matmul ceiling.
 timeout 70 $PY -m pytest benchmarks/bench_step.py -c benchmarks/pytest.ini -q \
-  -p no:cacheprovider --benchmark-json="$OUT/bench_step.json" > "$OUT/bench_step.log" 2>&1
-echo "bench_step rc=$?"; grep -E "^(FAILED|ERROR)|Error" "$OUT/bench_step.log" | head -5
+  -p no:cacheprovider --benchmark-json="$OUT/bench_step.json" >> "$OUT/bench.log" 2>&1
+echo "bench_step rc=$?"; grep -E "^(FAILED|ERROR)|Error" "$OUT/bench.log" | head -5
 $PY benchmarks/summarize.py "$OUT/bench_loss.json" | tee "$OUT/summary.md"
 $PY benchmarks/summarize.py "$OUT/bench_step.json" | tee -a "$OUT/summary.md"
