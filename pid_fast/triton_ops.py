@@ -48,6 +48,16 @@ def _row_coefs(row, t_ptr, t2_ptr, a1_ptr, b1_ptr, a2_ptr, b2_ptr, cs_ptr, co_pt
 
 
 @triton.jit
+def _load_streams(n_ptr, f1_ptr, f2_ptr, g_ptr, idx, mask):
+    """The four streamed tensors at idx, in float32 (0 in masked lanes, so r = 0 there)."""
+    n = tl.load(n_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    f1 = tl.load(f1_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    f2 = tl.load(f2_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    return n, f1, f2, g
+
+
+@triton.jit
 def _assemble_kernel(n_ptr, f_ptr, a_ptr, b_ptr, c_ptr, x_ptr, xi_ptr, D, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -73,10 +83,7 @@ def _residual_kernel(n_ptr, f1_ptr, f2_ptr, g_ptr, pred_ptr, target_ptr,
     idx = row * D + offs
     pn, p1, p2, tn, t1, tg = _row_coefs(row, t_ptr, t2_ptr, a1_ptr, b1_ptr, a2_ptr, b2_ptr,
                                         cs_ptr, co_ptr, sigma_max, HAS_AB)
-    n = tl.load(n_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-    f1 = tl.load(f1_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-    f2 = tl.load(f2_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    n, f1, f2, g = _load_streams(n_ptr, f1_ptr, f2_ptr, g_ptr, idx, mask)
     pred = pn * n + p1 * f1 + p2 * f2
     target = tn * n + t1 * f1 + tg * g
     tl.store(pred_ptr + idx, pred.to(pred_ptr.dtype.element_ty), mask=mask)
@@ -95,10 +102,7 @@ def _loss_kernel(n_ptr, f1_ptr, f2_ptr, g_ptr, d1_ptr, d2_ptr, partial_ptr,
     idx = row * D + offs
     pn, p1, p2, tn, t1, tg = _row_coefs(row, t_ptr, t2_ptr, a1_ptr, b1_ptr, a2_ptr, b2_ptr,
                                         cs_ptr, co_ptr, sigma_max, HAS_AB)
-    n = tl.load(n_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-    f1 = tl.load(f1_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-    f2 = tl.load(f2_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    n, f1, f2, g = _load_streams(n_ptr, f1_ptr, f2_ptr, g_ptr, idx, mask)
     r = (pn - tn) * n + (p1 - t1) * f1 + p2 * f2 - tg * g  # masked lanes: r = 0
     if NORM == 1:  # l1: |r|, direction sign(r)
         term = tl.abs(r)

@@ -259,25 +259,29 @@ def test_opcheck(ns):
     check(ops.scale_rows, (case.f_t, case.t, case.c_out))
 
 
-@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
-def test_torch_compile(compile_backend):
-    case = make_case((4, 3, 8, 8), torch.float32, "cpu", seed=9)
-
+def check_compiled_matches_eager(case, compile_backend=None, rtol=1e-6, atol=1e-7, **loss_kw):
+    """torch.compile(fullgraph=True) of loss.mean() fwd+bwd gives the eager loss and grads."""
     def step(f_t, f_t2):
-        loss = pid_fast.pid_loss(case.noise, f_t, f_t2, case.teacher_out, *case.coefs(),
-                                 weight=case.weight, backend="cpu")
-        return loss.mean()
+        return pid_fast.pid_loss(case.noise, f_t, f_t2, case.teacher_out, *case.coefs(),
+                                 **loss_kw).mean()
 
-    compiled = torch.compile(step, backend=compile_backend, fullgraph=True)
-    grads = []
+    kw = {} if compile_backend is None else {"backend": compile_backend}
+    compiled = torch.compile(step, fullgraph=True, **kw)
+    results = []
     for fn in (step, compiled):
         f_t = case.f_t.detach().requires_grad_()
         f_t2 = case.f_t2.detach().requires_grad_()
         loss = fn(f_t, f_t2)
         loss.backward()
-        grads.append((loss.detach(), f_t.grad, f_t2.grad))
-    for eager, comp in zip(*grads):
-        torch.testing.assert_close(comp, eager, rtol=1e-6, atol=1e-7)
+        results.append((loss.detach(), f_t.grad, f_t2.grad))
+    for eager, comp in zip(*results):
+        torch.testing.assert_close(comp, eager, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+def test_torch_compile(compile_backend):
+    case = make_case((4, 3, 8, 8), torch.float32, "cpu", seed=9)
+    check_compiled_matches_eager(case, compile_backend, weight=case.weight, backend="cpu")
 
 
 # --- backend choice and build info ---------------------------------------------------------

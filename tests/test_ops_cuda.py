@@ -4,9 +4,8 @@ benchmarks/gpu_check.sh). Shares the checks of test_ops.py."""
 import pytest
 import torch
 
-import pid_fast
 from pid_fast.testing import make_case
-from test_ops import DTYPES, GPU_BACKENDS, NORMS, check_loss
+from test_ops import DTYPES, GPU_BACKENDS, NORMS, check_compiled_matches_eager, check_loss
 
 
 @pytest.mark.cuda
@@ -53,18 +52,5 @@ def test_gpu_int64_indexing():
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_gpu_torch_compile(backend):
     case = make_case((8, 3, 16, 16), torch.bfloat16, "cuda", seed=15)
-
-    def step(f_t, f_t2):
-        return pid_fast.pid_loss(case.noise, f_t, f_t2, case.teacher_out, *case.coefs(),
-                                 norm="huber", huber_c=0.03, backend=backend).mean()
-
-    compiled = torch.compile(step, fullgraph=True)
-    results = []
-    for fn in (step, compiled):
-        f_t = case.f_t.detach().requires_grad_()
-        f_t2 = case.f_t2.detach().requires_grad_()
-        loss = fn(f_t, f_t2)
-        loss.backward()
-        results.append((loss.detach(), f_t.grad, f_t2.grad))
-    for eager, comp in zip(*results):
-        torch.testing.assert_close(comp, eager, rtol=1e-2, atol=1e-4)
+    check_compiled_matches_eager(case, rtol=1e-2, atol=1e-4, norm="huber", huber_c=0.03,
+                                 backend=backend)
