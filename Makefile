@@ -29,8 +29,14 @@ build: venv
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	$(PY) -c "import pid_fast, json; print(json.dumps(pid_fast.build_info()))"
 
+# One OpenMP thread in tests: on a busy 2-core machine spinning worker threads slow small ops
+# many times over (timings live in the benchmarks, which use 2 threads).
 test: build
-	OMP_NUM_THREADS=2 $(PY) -m pytest tests -q -p no:cacheprovider
+	OMP_NUM_THREADS=1 $(PY) -m pytest tests -q -p no:cacheprovider
+
+# The offline CPU demo: distil the bundled digits teacher, print the FD table, write pictures.
+demo: build
+	$(VENV)/bin/pid-fast demo
 
 bench: build
 	OMP_NUM_THREADS=2 $(PY) -m pytest benchmarks -c benchmarks/pytest.ini -p no:cacheprovider \

@@ -56,9 +56,10 @@ def convert(source: str, destination: str, key: str, expect: str | None, overwri
 
 
 def _register_commands() -> None:
-    from pid_fast import train_cli
+    from pid_fast import eval_cli, train_cli
 
     train_cli.register(main)  # distill, sample
+    eval_cli.register(main)  # train-teacher, train-features, fid, demo
 
 
 _register_commands()
