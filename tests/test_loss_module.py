@@ -14,14 +14,7 @@ from pid_fast.lpips_norm import LPIPSNorm
 from pid_fast.preconditioning import EDMPrecond, GaussianDenoiser
 from pid_fast.sampling import pid_grid
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: these tiny networks gain nothing from more, and on a busy 2-core
-    machine OpenMP's spinning threads slow every step down many times over."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 T, SD = 80.0, 0.5

@@ -20,14 +20,7 @@ from pid_fast.training import (NonFiniteLossError, apply_overrides, atomic_save,
                                load_latest_checkpoint, load_student, generate, resolve_config, train,
                                train_local_ddp)
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: these tiny networks gain nothing from more, and on a busy 2-core
-    machine OpenMP's spinning threads slow every step down many times over."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
