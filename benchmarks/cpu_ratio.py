@@ -1,0 +1,45 @@
+"""CPU fwd+bwd of the PID loss at 64x3x32x32 (l2): eager reference vs the fused C++ op, median of
+30 calls after 5 warm-ups, plus the loss op and scale_rows alone. Run on a quiet machine:
+    OMP_NUM_THREADS=2 python benchmarks/cpu_ratio.py
+"""
+
+import time
+
+import torch
+
+import pid_fast
+from pid_fast.testing import make_case
+
+case = make_case((64, 3, 32, 32))
+
+
+def fwd_bwd(backend):
+    f_t = case.f_t.detach().requires_grad_()
+    f_t2 = case.f_t2.detach().requires_grad_()
+
+    def step():
+        loss = pid_fast.pid_loss(case.noise, f_t, f_t2, case.teacher_out, *case.coefs(),
+                                 backend=backend, validate=False).mean()
+        return torch.autograd.grad(loss, (f_t, f_t2))
+
+    return step
+
+
+def median_ms(fn, n=30):
+    for _ in range(5):
+        fn()
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[n // 2] * 1e3
+
+
+args = (*case.streams(), case.t, case.t2, None, None, None, None, case.c_skip, case.c_out, None,
+        80.0, 0, 0.0, True)
+ref, fused = median_ms(fwd_bwd("reference")), median_ms(fwd_bwd("cpu"))
+op = median_ms(lambda: torch.ops.pid_fast.loss(*args))
+scale = median_ms(lambda: torch.ops.pid_fast.scale_rows(case.f_t, case.t))
+print(f"threads {torch.get_num_threads()}: reference {ref:.3f} ms, fused {fused:.3f} ms, "
+      f"ratio {ref / fused:.1f}x | loss op alone {op:.3f} ms, scale_rows {scale:.3f} ms")
