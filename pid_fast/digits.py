@@ -149,9 +149,10 @@ def edm_loss(denoiser: EDMPrecond, images: torch.Tensor, *, P_mean: float = -1.2
     """EDM's loss (Karras et al. 2022, Eq. 8 with Table 1's choices), mean over pixels, (B,):
     sigma = exp(P_mean + P_std u), u ~ N(0, 1); lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2
     makes the effective target of F unit-variance at every sigma."""
-    if not isinstance(images, torch.Tensor) or images.ndim != 4:
-        raise ValueError(f"images must be a [B, C, H, W] tensor, got "
-                         f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"images must be a [B, C, H, W] tensor, got {type(images).__name__}")
+    if images.ndim != 4:
+        raise ValueError(f"images must be a [B, C, H, W] tensor, got shape {tuple(images.shape)}")
     B = images.shape[0]
     u = torch.randn(B, generator=generator, device=images.device)
     sigma = (u * P_std + P_mean).exp()
@@ -178,7 +179,8 @@ def train_teacher(out: str | os.PathLike, *, steps: int = 4000, batch_size: int 
 
     network: network-config overrides of ``DIGITS_NETWORK`` (e.g. {"model_channels": 32}).
     augment_shift: random translation by up to this many pixels (0: none), EDM's augmentation
-    reduced to what suits digits (no flips). Deterministic for a given seed on the CPU.
+    reduced to what suits digits (no flips). Deterministic for a given seed and thread count on
+    the CPU (`pid-fast train-teacher --threads 1` reproduces the bundled file bit for bit).
     Returns a summary (final loss = mean over the last ``log_every`` steps, time, parameters).
     """
     _check_int(steps, "steps")
@@ -292,8 +294,9 @@ class DigitsClassifier(nn.Module):
     maxpool2 -> flatten -> Linear(->feature_dim) [features] -> ReLU -> Linear(->10).
 
     ``features(x)`` returns the penultimate layer before its ReLU (a dense, roughly Gaussian
-    code, better conditioned for a Frechet distance than post-ReLU activations). Input:
-    [B, 1, R, R] in [-1, 1], R divisible by 4."""
+    code, better conditioned for a Frechet distance than post-ReLU activations), divided by the
+    constant ``feature_scale`` that gives the real digits unit mean variance per dimension.
+    Input: [B, 1, R, R] in [-1, 1], R divisible by 4."""
 
     def __init__(self, channels: int = 32, feature_dim: int = 64, resolution: int = DIGITS_RESOLUTION,
                  num_classes: int = 10):
@@ -312,6 +315,9 @@ class DigitsClassifier(nn.Module):
             nn.MaxPool2d(2))
         self.fc = nn.Linear(2 * c * (resolution // 4) ** 2, feature_dim)
         self.head = nn.Linear(feature_dim, num_classes)
+        # features() = fc(...) / feature_scale; set after training so that the real digits'
+        # features have unit mean variance per dimension (FD and KID then have sane units).
+        self.register_buffer("feature_scale", torch.ones(()))
 
     def _check(self, x: torch.Tensor) -> torch.Tensor:
         r = self.config["resolution"]
@@ -320,11 +326,14 @@ class DigitsClassifier(nn.Module):
             raise ValueError(f"images must have shape [B, 1, {r}, {r}] (values in [-1, 1]), got {got}")
         return x.float()
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
+    def _logits_input(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.conv(self._check(x)).flatten(1))
 
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self._logits_input(x) / self.feature_scale
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(F.relu(self.features(x)))
+        return self.head(F.relu(self._logits_input(x)))
 
 
 @torch.no_grad()
@@ -378,11 +387,15 @@ def train_classifier(out: str | os.PathLike, *, epochs: int = 30, batch_size: in
         sched.step()
     seconds = time.perf_counter() - t0
     model.eval()
+    with torch.no_grad():
+        feats = torch.cat([model._logits_input(images[k:k + 512]) for k in range(0, images.shape[0], 512)])
+        model.feature_scale.fill_(float(feats.var(0).mean().sqrt()))
     test_acc = classifier_accuracy(model, images[test_idx], labels[test_idx])
     train_acc = classifier_accuracy(model, x_train, y_train)
     recipe = {"kind": "digits-classifier", "command": command, "epochs": epochs, "batch_size": batch_size,
               "lr": lr, "seed": seed, "augment_shift": augment_shift, "noise_std": noise_std,
               "test_accuracy": test_acc, "train_accuracy": train_acc, "train_seconds": round(seconds, 1),
+              "feature_scale": float(model.feature_scale),
               "parameters": count_parameters(model), "torch": torch.__version__,
               "threads": torch.get_num_threads()}
     _save(out, model.state_dict(), {_FORMAT_KEY: _CLASSIFIER_FORMAT,

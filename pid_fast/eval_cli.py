@@ -12,6 +12,7 @@ click group (the `pid-fast` group of pid_fast/cli.py).
 from __future__ import annotations
 
 import os
+import pickle
 import shlex
 
 import click
@@ -193,20 +194,20 @@ def fid(source, ref, feature_kind, inception_path, feature_net, num, seed_start,
             if ref_feats is None:
                 raise click.UsageError("--kid needs reference images (KID is not computable from mu/sigma)")
             click.echo(f"KID vs {ref_name}: {metrics.kernel_distance(feats, ref_feats):.6f}")
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, RuntimeError, pickle.UnpicklingError) as exc:  # e.g. a broken .pt
         raise click.ClickException(str(exc)) from None
 
 
 @click.command("demo")
 @click.option("--out-dir", default="pid-demo", show_default=True, type=click.Path(file_okay=False),
               help="Where the run, the pictures and summary.json go.")
-@click.option("--steps", type=click.IntRange(min=1), default=None, help="Distillation steps (default 2000).")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Distillation steps (default 1200).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Batch size (default 64).")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="RAdam learning rate.")
 @click.option("--N", "N", type=click.IntRange(min=2), default=None, help="PID grid size (default 250).")
 @click.option("--norm", type=click.Choice(["huber", "l2", "l1"]), default=None, help="Loss norm (default huber).")
 @click.option("--max-minutes", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Wall-clock budget of the distillation (default 8); it stops at the first chunk past it.")
+              help="Wall-clock budget of the distillation (default 7); it stops at the first chunk past it.")
 @click.option("--no-time-limit", is_flag=True, help="Run all --steps whatever the time.")
 @click.option("--num-samples", type=click.IntRange(min=2), default=None, help="Samples per FD (default 1000).")
 @click.option("--weights", default=None,
@@ -219,7 +220,8 @@ def fid(source, ref, feature_kind, inception_path, feature_net, num, seed_start,
 @click.option("--analytic/--no-analytic", default=True, show_default=True,
               help="Also run the Gaussian-mixture check (student error vs N, ~1 min).")
 @click.option("--resume", is_flag=True, help="Continue the run in OUT_DIR/run (e.g. with more --steps).")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads (default: all cores).")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="torch CPU threads (default: the faster of 1 and all cores, timed at start-up).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--no-progress", is_flag=True)
 def demo(out_dir, steps, batch_size, lr, N, norm, max_minutes, no_time_limit, num_samples, weights, teacher_path,

@@ -142,19 +142,16 @@ class DigitsFeatures:
         return features_of(self, images, batch=batch, device=self.device)
 
 
-_REF_CACHE: dict[tuple, np.ndarray] = {}
-
-
 def digits_reference_features(extractor: Optional[DigitsFeatures] = None) -> np.ndarray:
-    """Features of all 1797 digits images (the reference set of the digits FD)."""
+    """Features of all 1797 digits images (the reference set of the digits FD), computed once
+    per extractor."""
     from pid_fast.digits import load_digits
 
     extractor = extractor or DigitsFeatures()
-    key = (id(extractor.model), extractor.resolution)
-    if key not in _REF_CACHE:
+    if getattr(extractor, "_reference", None) is None:
         images, _ = load_digits(extractor.resolution)
-        _REF_CACHE[key] = extractor.features(images)
-    return _REF_CACHE[key]
+        extractor._reference = extractor.features(images)
+    return extractor._reference
 
 
 def digits_fd(images: torch.Tensor, extractor: Optional[DigitsFeatures] = None, *,

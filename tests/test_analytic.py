@@ -2,6 +2,7 @@
 solution, and PID's one-step student against it (the error falls as N grows)."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -10,6 +11,9 @@ from pid_fast.analytic import (GaussianMixtureDenoiser, MLPStudent, default_mixt
                                pid_grid_euler, sweep_n)
 from pid_fast.preconditioning import GaussianDenoiser
 from pid_fast.sampling import heun_sample
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 f64 = torch.float64
 
@@ -54,33 +58,33 @@ def test_log_density_is_normalised():
 
 def test_ode_solution_is_converged_and_matches_a_fine_heun_solve():
     mix = default_mixture()
-    z = _z(64, seed=3)
+    z = _z(32, seed=3)
     exact = mix.ode_solution(z * 80, 80.0, 0.002)
     tighter = mix.ode_solution(z * 80, 80.0, 0.002, tol=1e-11)
     assert float((exact - tighter).abs().max()) < 1e-7
-    # EDM's Heun sampler ends with x(0) = D(x(sigma_min); sigma_min); with many steps it
-    # converges to the same point.
-    heun = heun_sample(mix, z, num_steps=512)
+    # EDM's Heun sampler ends with x(0) = D(x(sigma_min); sigma_min); its second-order error
+    # shrinks ~4x per doubling of the steps towards the same point.
     final = mix(exact, torch.tensor(0.002, dtype=f64))
-    assert float((heun - final).abs().max()) < 1e-3
+    err = [float((heun_sample(mix, z, num_steps=n) - final).abs().max()) for n in (64, 128, 256)]
+    assert err[0] > err[1] > err[2] and err[2] < 2e-3
 
 
 def test_flow_carries_noise_to_the_mixture():
     """The PF-ODE's endpoints are distributed as the data: each mode gets its weight, with the
     component's spread."""
     mix = default_mixture(std=0.1)
-    z = _z(2000, seed=4)
+    z = _z(1000, seed=4)
     x = mix.ode_solution(z * 80, 80.0, 0.002, tol=1e-6)
     nearest = torch.cdist(x, mix.means).argmin(1)
     frac = torch.bincount(nearest, minlength=4).to(f64) / x.shape[0]
-    assert torch.allclose(frac, torch.full((4,), 0.25, dtype=f64), atol=0.04)  # ~4 standard errors
+    assert torch.allclose(frac, torch.full((4,), 0.25, dtype=f64), atol=0.055)  # 4 standard errors
     spread = (x - mix.means[nearest]).std(0)
     assert torch.allclose(spread, torch.full((2,), 0.1, dtype=f64), atol=0.015)
 
 
 def test_pid_grid_euler_converges_at_first_order():
     mix = default_mixture()
-    z = _z(256, seed=5)
+    z = _z(128, seed=5)
     exact = mix.ode_solution(z * 80, 80.0, 0.002)
     err = {N: float((pid_grid_euler(mix, z, N) - exact).square().mean().sqrt()) for N in (2, 8, 32, 128, 512)}
     assert err[2] > err[8] > err[32] > err[128] > err[512]
@@ -90,24 +94,34 @@ def test_pid_grid_euler_converges_at_first_order():
 def test_student_endpoint_error_falls_with_N():
     """The paper's trend on an exact reference. N = 2 pins the student to a single Euler step
     (the mixture's mean region); N = 64 brings the one-step output close to the exact x(sigma_min).
-    Fixed seeds; margins are several times the seed-to-seed spread."""
+    Fixed seeds; across training seeds the ratios below vary by a few percent, and the margins
+    asserted are 1.5x to 4x below the measured ones (rmse 0.50 / 0.21 / 0.08, fd 0.50 / 0.062 / 0.0006)."""
     mix = default_mixture()
-    z = _z(1000, seed=6)
+    z = _z(500, seed=6)
     exact = mix.ode_solution(z * 80, 80.0, 0.002)
     res = {}
     for N in (2, 4, 64):
-        student = distill(mix, N, steps=1500, batch_size=128, lr=3e-3, seed=0)
+        student = distill(mix, N, steps=1000, batch_size=128, lr=3e-3, seed=0)
         res[N] = endpoint_error(student, mix, z, exact=exact)
     assert res[2]["rmse"] > 1.5 * res[4]["rmse"]
-    assert res[4]["rmse"] > 2.0 * res[64]["rmse"]
-    assert res[2]["fd"] > 4 * res[4]["fd"] > 16 * res[64]["fd"]
+    assert res[4]["rmse"] > 1.5 * res[64]["rmse"]
+    assert res[2]["fd"] > 4 * res[4]["fd"]
+    assert res[4]["fd"] > 20 * res[64]["fd"]
     # With N = 2 the loss's grid conditions leave no freedom: the student is Euler's 1-step answer.
     euler = pid_grid_euler(mix, z, 2)
     assert abs(res[2]["rmse"] - float((euler - exact).square().mean().sqrt())) < 0.05
 
 
+def test_sweep_n_fd_falls_monotonically():
+    rows = sweep_n((2, 4, 16, 64), num_eval=500, steps=600, batch_size=128)
+    fds = [r["fd"] for r in rows]
+    assert all(a > 1.5 * b for a, b in zip(fds, fds[1:]))  # measured ratios ~8, 13, 3-4 (seeds 0, 1)
+    assert all(r["euler_rmse"] < r0["euler_rmse"] for r0, r in zip(rows, rows[1:]))
+
+
 @pytest.mark.slow
-def test_sweep_n_is_monotone_in_fd():
+@pytest.mark.skipif(os.environ.get("PID_FAST_SLOW") != "1", reason="slow (~1 min): set PID_FAST_SLOW=1")
+def test_sweep_n_longer_training_reaches_small_endpoint_error():
     rows = sweep_n((2, 4, 8, 16, 64), num_eval=1000, steps=2000, batch_size=256)
     fds = [r["fd"] for r in rows]
     assert all(a > b for a, b in zip(fds, fds[1:]))

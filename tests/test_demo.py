@@ -10,6 +10,9 @@ from pid_fast import digits
 from pid_fast.demo import format_table, run_demo
 from pid_fast.plots import plot_fd_over_training, plot_fd_vs_n, plot_loss_curve, read_log, save_comparison_grid
 
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -22,17 +25,22 @@ def _is_png(path):
 def tiny_files(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny")
     teacher = d / "teacher.safetensors"
-    digits.train_teacher(teacher, steps=2, batch_size=4, network={"model_channels": 8, "channel_mult": (1, 2),
-                                                                  "channel_mult_emb": 1}, progress=False)
-    features = d / "features.safetensors"
-    digits.train_classifier(features, epochs=1, channels=4, feature_dim=8, progress=False)
+    threads = torch.get_num_threads()  # (module scope: set up before the one_thread fixture)
+    torch.set_num_threads(1)
+    try:
+        digits.train_teacher(teacher, steps=2, batch_size=4, network={"model_channels": 8, "channel_mult": (1, 2),
+                                                                      "channel_mult_emb": 1}, progress=False)
+        features = d / "features.safetensors"
+        digits.train_classifier(features, epochs=1, channels=4, feature_dim=8, progress=False)
+    finally:
+        torch.set_num_threads(threads)
     return str(teacher), str(features)
 
 
 def _demo(out, tiny_files, **kw):
     teacher, features = tiny_files
     args = dict(steps=4, chunk=2, batch_size=4, num_samples=24, analytic=False, teacher_path=teacher,
-                features_path=features, max_minutes=None, progress=False, log=lambda s: None)
+                features_path=features, max_minutes=None, progress=False, log=lambda s: None, threads=1)
     args.update(kw)
     return run_demo(out, **args)
 
@@ -98,20 +106,14 @@ def test_demo_bad_input(tmp_path, tiny_files):
 
 
 def test_cli_demo(tmp_path, tiny_files):
-    import click
     from click.testing import CliRunner
 
-    from pid_fast.eval_cli import register
+    from pid_fast.cli import main as group  # the `pid-fast` group, with the eval commands registered
 
-    @click.group()
-    def group():
-        pass
-
-    register(group)
     teacher, features = tiny_files
     res = CliRunner().invoke(group, ["demo", "--out-dir", str(tmp_path / "d"), "--steps", "2", "--batch-size", "4",
                                      "--num-samples", "16", "--teacher", teacher, "--features", features,
-                                     "--no-analytic", "--no-progress", "--norm", "l2", "--N", "16"])
+                                     "--no-analytic", "--no-progress", "--norm", "l2", "--N", "16", "--threads", "1"])
     assert res.exit_code == 0, res.output
     assert "student FD / teacher Heun FD" in res.output and "student_vs_teacher.png" in res.output
     assert os.path.isfile(tmp_path / "d" / "loss.png")
@@ -121,6 +123,18 @@ def test_cli_demo(tmp_path, tiny_files):
     res = CliRunner().invoke(group, ["demo", "--out-dir", str(tmp_path / "d"), "--steps", "2",
                                      "--teacher", teacher, "--features", features, "--no-analytic"])
     assert res.exit_code != 0 and "--resume" in res.output and "Traceback" not in res.output
+
+
+def test_pick_threads_times_each_candidate():
+    from pid_fast.demo import pick_threads
+    from pid_fast.networks import build_network
+
+    net = build_network("tiny-ddpmpp")
+    # (Only 1 thread here: on a busy test machine every extra thread costs seconds.)
+    best, timings = pick_threads(net, (2, 3, 8, 8), candidates=[1], repeats=1)
+    assert best == 1 and set(timings) == {1} and timings[1] > 0
+    assert torch.get_num_threads() == 1  # restored
+    assert all(p.grad is None for p in net.parameters())  # timed on a copy
 
 
 def test_pick_weights():

@@ -9,6 +9,9 @@ import torch
 from pid_fast import digits
 from pid_fast.preconditioning import EDMPrecond
 
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 TINY = {"model_channels": 8, "channel_mult": (1, 2), "channel_mult_emb": 1}
 
 

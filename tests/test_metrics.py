@@ -11,6 +11,9 @@ from torch import nn
 from pid_fast import metrics
 from pid_fast.digits import DEFAULT_FEATURES, load_digits
 
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 needs_features = pytest.mark.skipif(not os.path.isfile(DEFAULT_FEATURES), reason="bundled feature net missing")
 
 
