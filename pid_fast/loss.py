@@ -8,7 +8,9 @@ One call, for a batch of B noises n = T z (T = sigma_max), follows the spec step
    as ONE forward of batch 2B (``batched=False``: two forwards);
 3. the teacher's input c_in(t) y with y = (t/T) n + (1 - t/T) F(t), by the fused assemble op,
    in the teacher's dtype, detached;
-4. G = F_teacher(c_in y, c_noise(t), labels) without gradient, autocast off (its own dtype);
+4. G = F_teacher(c_in y, c_noise(t), labels) without gradient: in the teacher's own dtype with
+   autocast off (``teacher_precision=None``), forced to fp32 ("fp32"), or under bf16 autocast
+   ("bf16": matrix products and convolutions in bf16, normalisations in fp32);
 5. the fused residual + norm (pid_fast.pid_loss), or pred/target (pid_fast.pid_residual) and
    LPIPS; per-sample losses (B,) float32, optionally weighted by w(t).
 
@@ -28,9 +30,10 @@ from pid_fast.ops import pid_assemble, pid_loss, pid_residual
 from pid_fast.preconditioning import DirectDenoiser, Preconditioning, as_denoiser, edm_coefficients
 from pid_fast.sampling import pid_neighbour_index
 
-__all__ = ["PIDLoss", "pid_distillation_loss", "grid_times", "default_noise_labels", "NORMS"]
+__all__ = ["PIDLoss", "pid_distillation_loss", "grid_times", "default_noise_labels", "NORMS", "TEACHER_PRECISIONS"]
 
 NORMS = ("l2", "l1", "huber", "lpips")
+TEACHER_PRECISIONS = (None, "fp32", "bf16")
 
 
 def grid_times(i: torch.Tensor, num_points: int, sigma_min: float, sigma_max: float,
@@ -79,10 +82,16 @@ def default_noise_labels(teacher: Preconditioning) -> Callable[[torch.Tensor], t
     return lambda t: teacher.coefficients(t).c_noise
 
 
-def _teacher_dtype(teacher: Preconditioning, noise: torch.Tensor) -> torch.dtype:
+def _check_teacher_precision(teacher_precision) -> None:
+    if teacher_precision not in TEACHER_PRECISIONS:
+        raise ValueError(f"teacher_precision must be one of {TEACHER_PRECISIONS} (None: the teacher's own "
+                         f"dtype), got {teacher_precision!r}")
+
+
+def _teacher_dtype(teacher: Preconditioning, noise: torch.Tensor, force_fp32: bool) -> torch.dtype:
     if isinstance(teacher, DirectDenoiser):
         return noise.dtype  # direct denoisers compute in their input's dtype
-    return teacher.model_dtype(noise.device)
+    return teacher.model_dtype(noise.device, force_fp32)
 
 
 def _teacher_input(noise, f_t, a, c_in, dtype, backend):
@@ -128,6 +137,7 @@ def pid_distillation_loss(student: Callable[..., torch.Tensor], teacher: Any, no
                           noise_labels: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
                           indices: Optional[torch.Tensor] = None,
                           generator: Optional[torch.Generator] = None,
+                          teacher_precision: Optional[str] = None,
                           return_times: bool = False):
     """The PID loss of each sample, float32 (B,) (float64 for float64 noise), differentiable
     w.r.t. the student's weights.
@@ -135,12 +145,16 @@ def pid_distillation_loss(student: Callable[..., torch.Tensor], teacher: Any, no
     student: the raw network F(x_in, c_noise, labels) (not preconditioned; the boundary
         parametrization x = (t/T) n + (1 - t/T) F is applied here).
     teacher: a ``Preconditioning`` (e.g. EDMPrecond, or from ``as_denoiser``) or any callable
-        D(x, sigma, labels). It is run without gradient and with autocast off.
+        D(x, sigma, labels). It is run without gradient, and with autocast off unless
+        ``teacher_precision="bf16"``.
     noise: n = sigma_max z, shape (B, ...). labels: class labels for both networks or None.
     indices: grid indices i (B,) to use instead of drawing them (e.g. to share one draw across
         data-parallel ranks); generator: the generator that draws them otherwise.
     weighting: w(t) -> (B,) weights (None: uniform). noise_labels: the student's c_noise(t)
         (None: the teacher's rule, see ``default_noise_labels``).
+    teacher_precision: None (the teacher's own dtype, e.g. fp16 for an EDM ``use_fp16`` teacher
+        on CUDA), "fp32" (forced), or "bf16" (its network under bf16 autocast: about half the
+        teacher's time on tensor-core GPUs, G within bf16 rounding of the fp32 teacher's).
     return_times: also return (t, t2).
     """
     if not isinstance(teacher, Preconditioning):
@@ -148,6 +162,7 @@ def pid_distillation_loss(student: Callable[..., torch.Tensor], teacher: Any, no
     _check_grid(num_points, sigma_min, sigma_max, rho)
     _check_norm(norm, huber_c, lpips)
     _check_inputs(student, noise, labels, indices)
+    _check_teacher_precision(teacher_precision)
     if sigma_data is None:
         sigma_data = float(getattr(teacher, "sigma_data", 0.5))
     noise_labels = noise_labels or default_noise_labels(teacher)
@@ -185,10 +200,14 @@ def pid_distillation_loss(student: Callable[..., torch.Tensor], teacher: Any, no
     # assemble op in the teacher's dtype, detached (no gradient through the teacher's input).
     coef = teacher.coefficients(t)
     a = t / sigma_max
+    # "bf16": the network's fp32 path under bf16 autocast (also for an fp16 EDM teacher).
+    force_fp32 = teacher_precision in ("fp32", "bf16")
+    bf16 = teacher_precision == "bf16"
     with torch.no_grad():
-        teacher_in = _teacher_input(noise, f_t.detach(), a, coef.c_in, _teacher_dtype(teacher, noise), backend)
-        with torch.autocast(dev.type, enabled=False):
-            G = teacher.raw(teacher_in, coef.c_noise, labels)
+        teacher_in = _teacher_input(noise, f_t.detach(), a, coef.c_in,
+                                    _teacher_dtype(teacher, noise, force_fp32), backend)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+            G = teacher.raw(teacher_in, coef.c_noise, labels, force_fp32=force_fp32)
 
     # 5. Residual and norm in one fused pass (a = t/T, b = 1 - t/T are the ops' defaults).
     weight = None if weighting is None else weighting(t).reshape(B).to(tdtype)
@@ -213,7 +232,8 @@ class PIDLoss(nn.Module):
     N, sigma_min, sigma_max, rho: the training grid. norm: "l2", "l1", "huber" (with
     ``huber_c``) or "lpips" (with ``lpips``, e.g. ``LPIPSNorm(weights=path)``).
     backend: the fused-op backend (None: by device). batched: one student forward of batch 2B
-    (False: two forwards of batch B).
+    (False: two forwards of batch B). teacher_precision: None (the teacher's own dtype), "fp32"
+    or "bf16" (the teacher under bf16 autocast; see ``pid_distillation_loss``).
 
     The call returns the mean loss over the batch; the per-sample values of the last call are
     kept (detached) in ``last_per_sample`` and their times in ``last_t``, ``last_t2``.
@@ -224,10 +244,12 @@ class PIDLoss(nn.Module):
                  huber_c: Optional[float] = None, lpips: Optional[Callable] = None,
                  weighting: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
                  sigma_data: Optional[float] = None,
-                 noise_labels: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
+                 noise_labels: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                 teacher_precision: Optional[str] = None):
         super().__init__()
         _check_grid(N, sigma_min, sigma_max, rho)
         _check_norm(norm, huber_c, lpips)
+        _check_teacher_precision(teacher_precision)
         if not isinstance(batched, bool):
             raise TypeError(f"batched must be a bool, got {type(batched).__name__}")
         if weighting is not None and not callable(weighting):
@@ -239,6 +261,7 @@ class PIDLoss(nn.Module):
         self.N, self.sigma_min, self.sigma_max, self.rho = N, float(sigma_min), float(sigma_max), float(rho)
         self.norm, self.huber_c, self.backend, self.batched = norm, huber_c, backend, batched
         self.weighting = weighting
+        self.teacher_precision = teacher_precision
         self.sigma_data = float(sigma_data if sigma_data is not None else getattr(teacher, "sigma_data", 0.5))
         self.noise_labels = noise_labels or default_noise_labels(teacher)
         self.last_per_sample: Optional[torch.Tensor] = None
@@ -257,7 +280,7 @@ class PIDLoss(nn.Module):
             sigma_max=self.sigma_max, rho=self.rho, sigma_data=self.sigma_data, norm=self.norm,
             huber_c=self.huber_c, lpips=self.lpips, weighting=self.weighting, backend=self.backend,
             batched=self.batched, noise_labels=self.noise_labels, indices=indices, generator=generator,
-            return_times=True)
+            teacher_precision=self.teacher_precision, return_times=True)
         self.last_per_sample, self.last_t, self.last_t2 = per.detach(), t, t2
         return per
 
@@ -266,4 +289,5 @@ class PIDLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"N={self.N}, sigma_min={self.sigma_min}, sigma_max={self.sigma_max}, rho={self.rho}, "
-                f"norm={self.norm!r}, backend={self.backend!r}, batched={self.batched}")
+                f"norm={self.norm!r}, backend={self.backend!r}, batched={self.batched}, "
+                f"teacher_precision={self.teacher_precision!r}")

@@ -36,7 +36,8 @@ def _rank() -> int:
 @click.option("--batch-size", type=int, default=None, help="Global batch size (all ranks, all accumulation rounds).")
 @click.option("--accum", type=int, default=None, help="Gradient accumulation rounds per step.")
 @click.option("--lr", type=float, default=None, help="Learning rate.")
-@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default=None, help="Student autocast precision.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default=None,
+              help="Student autocast precision (auto: bf16 on CUDA, fp32 on CPU).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None)
 @click.option("--seed", type=int, default=None)
 @click.option("--checkpoint-every", type=int, default=None, help="Write a checkpoint every K steps.")

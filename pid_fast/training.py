@@ -67,12 +67,17 @@ DEFAULT_CONFIG: dict[str, Any] = {
     # network null: the teacher's architecture.
     "student": {"init": "teacher", "network": None, "dropout": 0.0, "seed": 1},
     "loss": {"N": 250, "sigma_min": 0.002, "sigma_max": 80.0, "rho": 7.0, "norm": "l2", "huber_c": None,
-             "lpips_weights": None, "lpips_net": "vgg", "lpips_resize": 224, "backend": None, "batched": True},
+             "lpips_weights": None, "lpips_net": "vgg", "lpips_resize": 224, "backend": None, "batched": True,
+             # auto: bf16 autocast when the student runs in bf16, else the teacher's own dtype;
+             # null: the teacher's own dtype; fp32 | bf16 (see PIDLoss)
+             "teacher_precision": "auto"},
     "optimizer": {"name": "radam", "lr": 2e-4, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0},
     "ema_rates": [0.999, 0.9999, 0.99995],
     "batch_size": 512,               # global batch (all ranks and accumulation rounds)
     "accum": 1,                      # gradient accumulation rounds per step
-    "precision": "fp32",             # fp32 | bf16 (autocast of the student)
+    "precision": "auto",             # fp32 | bf16 (autocast of the student) | auto: bf16 on CUDA, fp32 on CPU
+    "channels_last": "auto",         # true | false | auto: true on CUDA (networks and teacher)
+    "compile": False,                # torch.compile the student: false | true (inductor) | a backend name
     "clip_grad_norm": None,
     "total_steps": 800000,
     "log_every": 100,
@@ -85,7 +90,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
 
 # Keys that may change when a run is resumed; every other difference is refused.
 RESUMABLE_CHANGES = ("total_steps", "log_every", "checkpoint_every", "keep_checkpoints", "snapshot_every",
-                     "snapshot_num", "progress", "device")
+                     "snapshot_num", "progress", "device", "channels_last", "compile")
 
 _TEACHER_KEYS = {"edm": {"kind", "path", "key"},
                  "network": {"kind", "network", "precond", "seed", "use_fp16", "precond_kwargs"},
@@ -214,7 +219,11 @@ def resolve_config(config: Optional[Mapping[str, Any]] = None) -> dict:
         _int(cfg, key, 1)
     _int(cfg, "keep_checkpoints", 0)
     _int(cfg, "snapshot_every", 0)
-    _need(cfg["precision"] in ("fp32", "bf16"), "precision", "'fp32' or 'bf16'", cfg["precision"])
+    _need(cfg["precision"] in ("auto", "fp32", "bf16"), "precision", "'auto', 'fp32' or 'bf16'", cfg["precision"])
+    _need(cfg["channels_last"] in ("auto", True, False), "channels_last", "true, false or 'auto'",
+          cfg["channels_last"])
+    _need(isinstance(cfg["compile"], (bool, str)) and cfg["compile"] != "", "compile",
+          "false, true or a torch.compile backend name (e.g. 'inductor', 'aot_eager')", cfg["compile"])
     _pos(cfg, "clip_grad_norm", allow_none=True)
     _need(isinstance(cfg["progress"], bool), "progress", "a bool", cfg["progress"])
     rates = cfg["ema_rates"]
@@ -248,6 +257,8 @@ def resolve_config(config: Optional[Mapping[str, Any]] = None) -> dict:
     _need(loss["backend"] in (None, "reference", "cpu", "cuda", "triton"), "loss.backend",
           "null, 'reference', 'cpu', 'cuda' or 'triton'", loss["backend"])
     _need(isinstance(loss["batched"], bool), "loss.batched", "a bool", loss["batched"])
+    _need(loss["teacher_precision"] in ("auto", None, "fp32", "bf16"), "loss.teacher_precision",
+          "'auto', null, 'fp32' or 'bf16'", loss["teacher_precision"])
 
     teacher = cfg["teacher"]
     _need(isinstance(teacher, dict) and teacher.get("kind") in _TEACHER_KEYS, "teacher.kind",
@@ -400,12 +411,26 @@ def _noise_labels(rule: Mapping[str, Any]) -> Callable[[torch.Tensor], torch.Ten
     return lambda t: coef.coefficients(t).c_noise
 
 
-def _make_optimizer(params, ocfg) -> torch.optim.Optimizer:
-    cls = torch.optim.RAdam if ocfg["name"] == "radam" else torch.optim.Adam
-    return cls(params, lr=ocfg["lr"], betas=tuple(ocfg["betas"]), eps=ocfg["eps"], weight_decay=ocfg["weight_decay"])
+def _make_optimizer(params, ocfg, device: torch.device) -> torch.optim.Optimizer:
+    kw = dict(lr=ocfg["lr"], betas=tuple(ocfg["betas"]), eps=ocfg["eps"], weight_decay=ocfg["weight_decay"])
+    if ocfg["name"] == "radam":  # (no fused RAdam; torch picks the foreach version on CUDA)
+        return torch.optim.RAdam(params, **kw)
+    return torch.optim.Adam(params, fused=device.type == "cuda", **kw)
 
 
-def _make_loss(lcfg: Mapping[str, Any], teacher: Preconditioning, device: torch.device) -> PIDLoss:
+def resolve_precision(cfg: Mapping[str, Any], device: torch.device) -> dict:
+    """The 'auto' settings made concrete for ``device``: {'precision', 'teacher_precision',
+    'channels_last'}."""
+    precision = cfg["precision"] if cfg["precision"] != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    tp = cfg["loss"]["teacher_precision"]
+    if tp == "auto":
+        tp = "bf16" if precision == "bf16" else None
+    cl = cfg["channels_last"] if cfg["channels_last"] != "auto" else device.type == "cuda"
+    return {"precision": precision, "teacher_precision": tp, "channels_last": cl}
+
+
+def _make_loss(lcfg: Mapping[str, Any], teacher: Preconditioning, device: torch.device,
+               teacher_precision: Optional[str]) -> PIDLoss:
     lpips = None
     if lcfg["norm"] == "lpips":
         from pid_fast.lpips_norm import LPIPSNorm
@@ -413,7 +438,7 @@ def _make_loss(lcfg: Mapping[str, Any], teacher: Preconditioning, device: torch.
         lpips = LPIPSNorm(lcfg["lpips_weights"], net=lcfg["lpips_net"], resize=lcfg["lpips_resize"]).to(device)
     return PIDLoss(teacher, N=lcfg["N"], sigma_min=lcfg["sigma_min"], sigma_max=lcfg["sigma_max"],
                    rho=lcfg["rho"], norm=lcfg["norm"], backend=lcfg["backend"], batched=lcfg["batched"],
-                   huber_c=lcfg["huber_c"], lpips=lpips)
+                   huber_c=lcfg["huber_c"], lpips=lpips, teacher_precision=teacher_precision)
 
 
 # ============================================================================================
@@ -642,8 +667,12 @@ def _train(cfg, run_dir, resume, teacher_obj, rank, world, device) -> dict:
     else:
         teacher, teacher_net = build_teacher(cfg["teacher"], device)
     net, net_cfg = build_student(cfg["student"], teacher, teacher_net, device)
-    loss_fn = _make_loss(cfg["loss"], teacher, device)
-    opt = _make_optimizer(net.parameters(), cfg["optimizer"])
+    modes = resolve_precision(cfg, device)
+    if modes["channels_last"]:  # (the fused ops take any layout; convolutions prefer NHWC)
+        net = net.to(memory_format=torch.channels_last)
+        teacher = teacher.to(memory_format=torch.channels_last)
+    loss_fn = _make_loss(cfg["loss"], teacher, device, modes["teacher_precision"])
+    opt = _make_optimizer(net.parameters(), cfg["optimizer"], device)
     ema = EMA(net, cfg["ema_rates"])
     L = cfg["loss"]
     label_dim = int(getattr(teacher, "label_dim", 0))
@@ -670,7 +699,9 @@ def _train(cfg, run_dir, resume, teacher_obj, rank, world, device) -> dict:
     model = net
     if world > 1:
         model = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if cfg["precision"] == "bf16" \
+    if cfg["compile"] is not False:
+        model = torch.compile(model, backend="inductor" if cfg["compile"] is True else cfg["compile"])
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if modes["precision"] == "bf16" \
         else contextlib.nullcontext
 
     log_path = os.path.join(run_dir, "log.jsonl")

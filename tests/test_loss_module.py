@@ -394,3 +394,57 @@ def test_lpips_weights_errors(tmp_path, alex_weights):
     full = tmp_path / "lpips-full.pth"
     torch.save(LPIPSNorm(alex_weights, net="alex", resize=32).model.state_dict(), full)
     LPIPSNorm(str(full), net="alex", resize=32)  # a full lpips.LPIPS state_dict also loads
+
+
+class CastingTinyNet(TinyNet):
+    """TinyNet with fp32 weights cast to the input's dtype in each layer (as in EDM's networks)."""
+
+    def forward(self, x, c_noise, labels=None):
+        w = {n: p.to(x.dtype) for n, p in self.named_parameters()}
+        h = nn.functional.conv2d(x, w["conv.weight"], w["conv.bias"], padding=1)
+        e = nn.functional.linear(c_noise.reshape(-1, 1).to(x.dtype), w["emb.weight"], w["emb.bias"])
+        return torch.tanh(h + e[:, :, None, None])
+
+
+class Fp16Teacher(RecordingTeacher):
+    """A teacher whose own dtype is bf16 (like EDM's use_fp16 on CUDA), fp32 when forced."""
+
+    def __init__(self, model):
+        EDMPrecond.__init__(self, model)
+        self.seen = []
+
+    def model_dtype(self, device, force_fp32=False):
+        return torch.float32 if force_fp32 else torch.bfloat16
+
+
+@pytest.mark.parametrize("precision", [None, "fp32", "bf16"])
+def test_teacher_precision(precision):
+    """None: the teacher's own dtype, autocast off; "fp32": forced fp32; "bf16": under bf16
+    autocast, the loss and gradients within bf16 rounding of the fp32 teacher's."""
+    noise = torch.randn(4, 3, 4, 4, generator=torch.Generator().manual_seed(6)) * T
+    idx = torch.tensor([0, 7, 120, 249])
+    losses, grads = {}, {}
+    for p in ("fp32", precision):
+        teacher = Fp16Teacher(CastingTinyNet(seed=9))
+        student = TinyNet(seed=1)
+        pid = PIDLoss(teacher, teacher_precision=p)
+        loss = pid(student, noise, indices=idx)
+        loss.backward()
+        losses[p], grads[p] = loss.detach(), [q.grad.clone() for q in student.parameters()]
+        (seen,) = teacher.seen
+        assert seen["x_in"].dtype == (torch.bfloat16 if p is None else torch.float32)
+        assert seen["autocast"] == (p == "bf16") and not seen["grad"]
+    tol = dict(rtol=0, atol=0) if precision == "fp32" else dict(rtol=3e-2, atol=1e-3)
+    torch.testing.assert_close(losses[precision], losses["fp32"], **tol)
+    for g, g32 in zip(grads[precision], grads["fp32"]):
+        torch.testing.assert_close(g, g32, rtol=tol["rtol"], atol=tol["atol"] * 10 + 3e-2 * float(g32.abs().max()))
+    if precision is not None:
+        assert f"teacher_precision={precision!r}" in repr(pid)
+
+
+def test_teacher_precision_bad_value():
+    teacher, student, _ = make()
+    with pytest.raises(ValueError, match="teacher_precision"):
+        PIDLoss(teacher, teacher_precision="fp16")
+    with pytest.raises(ValueError, match="teacher_precision"):
+        pid_distillation_loss(student, teacher, torch.randn(2, 3, 4, 4) * T, teacher_precision="half")

@@ -89,7 +89,8 @@ def test_config_defaults_overrides_and_errors(tmp_path):
                      ({"teacher": {"kind": "magic"}}, "teacher.kind"),
                      ({"teacher": {"kind": "edm", "path": "x", "net": 1}}, "teacher.net"),
                      ({"teacher": {"kind": "gaussian"}, "student": {"init": "teacher", "network": NET}}, "student.init"),
-                     ({"clip_grad_norm": 0}, "clip_grad_norm")]:
+                     ({"clip_grad_norm": 0}, "clip_grad_norm"), ({"channels_last": "yes"}, "channels_last"),
+                     ({"compile": ""}, "compile"), ({"loss": {"teacher_precision": "fp16"}}, "loss.teacher_precision")]:
         with pytest.raises(ValueError, match=key.replace(".", r"\.")):
             resolve_config(bad)
     with pytest.raises(ValueError, match="key=value"):
@@ -293,6 +294,58 @@ def test_bf16_and_adam(tmp_path):
     state = final_state(tmp_path)
     assert all(v.dtype == torch.float32 for v in state["model"].values() if v.is_floating_point())
     assert "exp_avg" in next(iter(state["optimizer"]["state"].values()))
+
+
+def test_auto_precision_settings():
+    from pid_fast.training import resolve_precision
+
+    cfg = resolve_config({})
+    assert resolve_precision(cfg, torch.device("cuda")) == {"precision": "bf16", "teacher_precision": "bf16",
+                                                            "channels_last": True}
+    assert resolve_precision(cfg, torch.device("cpu")) == {"precision": "fp32", "teacher_precision": None,
+                                                           "channels_last": False}
+    cfg = resolve_config({"precision": "bf16", "channels_last": False, "loss": {"teacher_precision": None}})
+    assert resolve_precision(cfg, torch.device("cuda")) == {"precision": "bf16", "teacher_precision": None,
+                                                            "channels_last": False}
+    cfg = resolve_config({"precision": "fp32", "loss": {"teacher_precision": "bf16"}})
+    assert resolve_precision(cfg, torch.device("cpu"))["teacher_precision"] == "bf16"
+
+
+class AutocastRecorder(EDMPrecond):
+    """Records whether the teacher ran under bf16 autocast."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.autocast = []
+
+    def raw(self, x_in, c_noise, class_labels=None, force_fp32=False):
+        self.autocast.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return super().raw(x_in, c_noise, class_labels, force_fp32)
+
+
+@pytest.mark.parametrize("over", [{"channels_last": True}, {"compile": "aot_eager"},
+                                  {"precision": "bf16", "loss.teacher_precision": "auto"}],
+                         ids=["channels_last", "compile", "bf16-teacher"])
+def test_fast_step_options_keep_the_loss(tmp_path, over):
+    """The fast step's options (channels_last networks, a compiled student, the teacher in
+    bf16) train the same student as the plain fp32 step, within their precision."""
+    torch.manual_seed(0)
+    teacher = AutocastRecorder(build_network(network_config(**NET)))
+    cfg = tiny_config(**{"student.init": "teacher", "student.network": None, "total_steps": 3,
+                         "log_every": 1, "checkpoint_every": 3})
+    train(cfg, tmp_path / "plain", teacher=teacher)
+    assert not any(teacher.autocast)
+    teacher.autocast.clear()
+    train(apply_overrides(cfg, over), tmp_path / "fast", teacher=teacher)
+    bf16 = over.get("precision") == "bf16"
+    assert all(teacher.autocast) if bf16 else not any(teacher.autocast)
+    plain = [json.loads(line)["loss"] for line in open(tmp_path / "plain" / "log.jsonl")]
+    fast = [json.loads(line)["loss"] for line in open(tmp_path / "fast" / "log.jsonl")]
+    assert len(plain) == len(fast) == 3
+    np.testing.assert_allclose(fast, plain, rtol=5e-2 if bf16 else 1e-4)
+    a, b = final_state(tmp_path / "plain")["model"], final_state(tmp_path / "fast")["model"]
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=5e-3 if bf16 else 1e-5)
 
 
 class LabelRecorder(EDMPrecond):
