@@ -11,6 +11,8 @@ def main(path):
     rows = [b["extra_info"] | {"name": b["name"]} for b in data["benchmarks"]]
     copy = [r for r in rows if r.get("variant") == "copy"]
     copy_gbps = copy[0]["GBps"] if copy else None
+    official = {r["network"]: r["images_per_s"] for r in rows
+                if r.get("variant") == "official_style" and "images_per_s" in r}
     devs = sorted({r.get("device", "?") for r in rows})
     dev = ", ".join(devs)
     print(f"device: {dev}" + (f"; copy bandwidth {copy_gbps:.0f} GB/s" if copy_gbps else ""))
@@ -19,10 +21,12 @@ def main(path):
     for r in rows:
         if "ms_per_step" in r:  # bench_step.py
             mfu = r.get("mfu_vs_bf16_matmul")
+            base = official.get(r["network"])
+            speedup = f" {r['images_per_s'] / base:.2f}x official |" if base else ""
             line = (f"| {r['name'].split('[')[0]} | {r['network']} x{r['batch']} | {r['variant']} "
                     f"| {r['images_per_s']:.0f} img/s | {r['ms_per_step']:.1f} ms/step "
                     f"| {r.get('peak_mem_GiB', 0):.2f} GiB peak | {r['tflops']:.1f} TFLOP/s |")
-            print(line + (f" MFU {100 * mfu:.1f}% |" if mfu else ""))
+            print(line + (f" MFU {100 * mfu:.1f}% |" if mfu else "") + speedup)
             continue
         if r.get("variant") == "copy" or "ms_per_call" not in r:
             continue
