@@ -38,3 +38,35 @@ def test_fast_gpu_step_matches_fp32_step(tmp_path, over):
     for k, v in sa["model"].items():
         assert sb["model"][k].dtype == torch.float32  # fp32 master weights
         torch.testing.assert_close(sb["model"][k], v, rtol=0, atol=2e-3)
+
+
+@pytest.mark.cuda
+def test_pid_step_has_no_host_sync():
+    """One fast step (PIDLoss with the fused ops, bf16 student and teacher, RAdam) never waits
+    for the GPU: CUDA's sync debug mode turns any synchronising call into an error."""
+    from pid_fast.loss import PIDLoss
+
+    torch.manual_seed(0)
+    net = build_network(network_config(**NET), device="cuda")
+    teacher = EDMPrecond(net).eval().requires_grad_(False)
+    student = build_network(network_config(**NET), device="cuda").train()
+    pid = PIDLoss(teacher, norm="l2", teacher_precision="bf16")
+    opt = torch.optim.RAdam(student.parameters(), lr=1e-4)
+    noise = torch.randn(8, 3, 8, 8, device="cuda") * 80.0
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = pid(student, noise)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    step()  # first call: lazy initialisations (kernels, optimizer state)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        losses = [step() for _ in range(3)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(bool(torch.isfinite(x)) for x in losses)
