@@ -31,6 +31,14 @@ run_tests() {  # file timeout
 }
 run_tests tests/test_ops_cuda.py 75
 run_tests tests/test_step_cuda.py 75
+# A SIGSEGV was seen once on an H200 in this test alone (C++ argument checks raising through the
+# ops); on its own, and with a native backtrace when it crashes and gdb is there.
+DIRECT="tests/test_ops.py::test_direct_op_calls_with_bad_input_raise"
+run_tests "$DIRECT" 60
+if ! timeout 60 $PY -m pytest "$DIRECT" -q -p no:cacheprovider > /dev/null 2>&1 && command -v gdb > /dev/null; then
+  timeout 90 gdb -batch -ex run -ex bt --args $PY -m pytest "$DIRECT" -q -p no:cacheprovider 2>&1 \
+    | tail -40 | tee -a "$OUT/tests.log"
+fi
 
 # Speed of the loss op: eager / compiled reference, CUDA and Triton ops (+ copy bandwidth).
 timeout 100 $PY -m pytest benchmarks/bench_pid_loss.py -c benchmarks/pytest.ini -q \
