@@ -36,7 +36,7 @@ test: build
 
 # The offline CPU demo: distil the bundled digits teacher, print the FD table, write pictures.
 demo: build
-	$(VENV)/bin/pid-fast demo
+	$(VENV)/bin/pid-fast demo --out-dir pid-demo --overwrite
 
 bench: build
 	OMP_NUM_THREADS=2 $(PY) -m pytest benchmarks -c benchmarks/pytest.ini -p no:cacheprovider \

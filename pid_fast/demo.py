@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from typing import Any, Callable, Optional
 
@@ -129,13 +130,15 @@ def run_demo(out_dir: str | os.PathLike = "pid-demo", *, steps: int = DEMO_DEFAU
              weights: str = DEMO_DEFAULTS["weights"], chunk: int = DEMO_DEFAULTS["chunk"],
              num_samples: int = DEMO_DEFAULTS["num_samples"], max_minutes: Optional[float] = DEMO_DEFAULTS["max_minutes"],
              seed: int = 0, teacher_path: Optional[str] = None, features_path: Optional[str] = None,
-             analytic: bool = True, resume: bool = False, threads: Optional[int] = None, progress: bool = True,
+             analytic: bool = True, resume: bool = False, overwrite: bool = False, threads: Optional[int] = None,
+             progress: bool = True,
              log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the demo; returns a summary dict (also written to ``out_dir/summary.json``).
 
     max_minutes: wall-clock budget of the distillation (None: no limit); when a chunk ends past
     it, distillation stops there. resume: continue the run in ``out_dir/run`` (e.g. with more
-    ``steps``). threads: torch CPU threads (None: the faster of 1 and all cores, timed on the
+    ``steps``). overwrite: start afresh, deleting a previous run in ``out_dir/run`` (only that
+    folder; the pictures and summary.json are rewritten anyway). threads: torch CPU threads (None: the faster of 1 and all cores, timed on the
     teacher's network at start-up; see ``pick_threads``).
     """
     from pid_fast.digits import DEFAULT_FEATURES, DEFAULT_TEACHER, load_digits_teacher
@@ -161,9 +164,16 @@ def run_demo(out_dir: str | os.PathLike = "pid-demo", *, steps: int = DEMO_DEFAU
                          ema_rates=ema_rates, chunk=chunk, seed=seed, progress=progress)
     config = resolve_config(config)  # bad options fail here, before any work
     pick_weights(weights, ema_rates, steps)  # validates
+    if resume and overwrite:
+        raise ValueError("resume and overwrite exclude each other (continue the run, or replace it)")
     if os.path.isdir(run_dir) and list_checkpoints(run_dir) and not resume:
-        raise FileExistsError(f"out_dir: {run_dir!r} already holds a run; pass resume=True (--resume) to continue "
-                              f"it or choose another out_dir")
+        if not overwrite:
+            raise FileExistsError(f"out_dir: {run_dir!r} already holds a run; pass resume=True (--resume) to "
+                                  f"continue it, overwrite=True (--overwrite) to replace it, or choose another out_dir")
+        if not os.path.isfile(os.path.join(run_dir, "config.json")):
+            raise FileExistsError(f"out_dir: {run_dir!r} does not look like a pid-fast run (no config.json); "
+                                  f"not deleting it")
+        shutil.rmtree(run_dir)
     os.makedirs(out_dir, exist_ok=True)
     t_start = time.perf_counter()
     threads_before = torch.get_num_threads()

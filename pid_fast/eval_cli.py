@@ -220,12 +220,13 @@ def fid(source, ref, feature_kind, inception_path, feature_net, num, seed_start,
 @click.option("--analytic/--no-analytic", default=True, show_default=True,
               help="Also run the Gaussian-mixture check (student error vs N, ~1 min).")
 @click.option("--resume", is_flag=True, help="Continue the run in OUT_DIR/run (e.g. with more --steps).")
+@click.option("--overwrite", is_flag=True, help="Replace a previous run in OUT_DIR/run (a fresh start).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="torch CPU threads (default: the faster of 1 and all cores, timed at start-up).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--no-progress", is_flag=True)
 def demo(out_dir, steps, batch_size, lr, N, norm, max_minutes, no_time_limit, num_samples, weights, teacher_path,
-         features_path, analytic, resume, threads, seed, no_progress) -> None:
+         features_path, analytic, resume, overwrite, threads, seed, no_progress) -> None:
     """Distil the bundled digits teacher into a one-step student on the CPU, offline, and
     compare: FD of the student (1 step), the teacher's Heun (35 evaluations) and Euler (1 step)."""
     from pid_fast.demo import run_demo
@@ -239,7 +240,7 @@ def demo(out_dir, steps, batch_size, lr, N, norm, max_minutes, no_time_limit, nu
         kwargs["max_minutes"] = None
     try:
         run_demo(out_dir, teacher_path=teacher_path, features_path=features_path, analytic=analytic, resume=resume,
-                 threads=threads, seed=seed, progress=not no_progress, log=click.echo, **kwargs)
+                 overwrite=overwrite, threads=threads, seed=seed, progress=not no_progress, log=click.echo, **kwargs)
     except (ValueError, FileNotFoundError, FileExistsError) as exc:
         raise click.ClickException(str(exc)) from None
 

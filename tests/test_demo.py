@@ -122,7 +122,17 @@ def test_cli_demo(tmp_path, tiny_files):
     assert cfg["loss"]["norm"] == "l2" and cfg["loss"]["N"] == 16 and cfg["loss"]["huber_c"] is None
     res = CliRunner().invoke(group, ["demo", "--out-dir", str(tmp_path / "d"), "--steps", "2",
                                      "--teacher", teacher, "--features", features, "--no-analytic"])
-    assert res.exit_code != 0 and "--resume" in res.output and "Traceback" not in res.output
+    assert res.exit_code != 0 and "--resume" in res.output and "--overwrite" in res.output
+    assert "Traceback" not in res.output
+    (tmp_path / "d" / "run" / "marker").write_text("old run")
+    res = CliRunner().invoke(group, ["demo", "--out-dir", str(tmp_path / "d"), "--steps", "2", "--batch-size", "4",
+                                     "--num-samples", "16", "--teacher", teacher, "--features", features,
+                                     "--no-analytic", "--no-progress", "--threads", "1", "--overwrite"])
+    assert res.exit_code == 0, res.output
+    assert not (tmp_path / "d" / "run" / "marker").exists()  # the old run was replaced
+    res = CliRunner().invoke(group, ["demo", "--out-dir", str(tmp_path / "d"), "--teacher", teacher,
+                                     "--features", features, "--resume", "--overwrite"])
+    assert res.exit_code != 0 and "exclude each other" in res.output
 
 
 def test_pick_threads_times_each_candidate():
