@@ -153,6 +153,15 @@ class GroupNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        device = x.device.type
+        if torch.is_autocast_enabled(device):
+            # CUDA autocast runs group_norm in fp32 and returns fp32 activations, so every
+            # norm + SiLU would move fp32 tensors plus casts. The kernel accumulates its
+            # statistics in fp32 for bf16/fp16 inputs anyway: keep the autocast dtype.
+            dtype = torch.get_autocast_dtype(device)
+            with torch.autocast(device, enabled=False):
+                return F.group_norm(x.to(dtype), self.num_groups, self.weight.to(dtype), self.bias.to(dtype),
+                                    self.eps)
         return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
 
 

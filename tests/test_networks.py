@@ -178,6 +178,32 @@ def test_low_precision_activations_keep_fp32_weights():
     assert (low.float() - ref).abs().max() < 0.05 * ref.abs().max()
 
 
+def test_group_norm_keeps_the_autocast_dtype(monkeypatch):
+    """Under autocast the norms run in the autocast dtype with autocast off (CUDA autocast would
+    upcast them to fp32 activations), outside it in the input's dtype; the network's output
+    under bf16 autocast stays within bf16 rounding of fp32."""
+    from pid_fast import networks
+
+    calls = []
+    real = F.group_norm
+
+    def recording(x, *args, **kwargs):
+        calls.append((x.dtype, torch.is_autocast_enabled("cpu")))
+        return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(networks.F, "group_norm", recording)
+    net = randomize_(build_network(network_config("tiny-ddpmpp"))).eval()
+    x, noise = torch.randn(2, 3, 8, 8), torch.randn(2)
+    with torch.no_grad():
+        ref = net(x, noise)
+        assert calls and set(calls) == {(torch.float32, False)}
+        calls.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = net(x, noise)
+    assert calls and set(calls) == {(torch.bfloat16, False)}
+    assert (low.float() - ref).abs().max() < 0.05 * ref.abs().max()
+
+
 def test_attention_matches_explicit_softmax():
     # EDM's attention: qkv channels laid out [head, head_dim, 3]; w = softmax_k(q.k / sqrt(d)).
     torch.manual_seed(0)
