@@ -203,6 +203,7 @@ def pid_distillation_loss(student: Callable[..., torch.Tensor], teacher: Any, no
     # "bf16": the network's fp32 path under bf16 autocast (also for an fp16 EDM teacher).
     force_fp32 = teacher_precision in ("fp32", "bf16")
     bf16 = teacher_precision == "bf16"
+    # no_grad rather than inference_mode: inference tensors break torch.compile of a whole step.
     with torch.no_grad():
         teacher_in = _teacher_input(noise, f_t.detach(), a, coef.c_in,
                                     _teacher_dtype(teacher, noise, force_fp32), backend)
