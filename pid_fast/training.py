@@ -77,7 +77,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "accum": 1,                      # gradient accumulation rounds per step
     "precision": "auto",             # fp32 | bf16 (autocast of the student) | auto: bf16 on CUDA, fp32 on CPU
     "channels_last": "auto",         # true | false | auto: true on CUDA (networks and teacher)
-    "compile": False,                # torch.compile the student: false | true (inductor) | a backend name
+    "compile": False,                # torch.compile the step's forward: false | true (inductor) | a backend name
     "clip_grad_norm": None,
     "total_steps": 800000,
     "log_every": 100,
@@ -699,8 +699,18 @@ def _train(cfg, run_dir, resume, teacher_obj, rank, world, device) -> dict:
     model = net
     if world > 1:
         model = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+
+    T = float(L["sigma_max"])
+
+    def loss_forward(z_sl, labels_sl, idx_sl):
+        return loss_fn(model, z_sl * T, labels_sl, indices=idx_sl)
+
     if cfg["compile"] is not False:
-        model = torch.compile(model, backend="inductor" if cfg["compile"] is True else cfg["compile"])
+        backend = "inductor" if cfg["compile"] is True else cfg["compile"]
+        if world > 1:  # DDP's bucketing needs the compiled frame to be its own module
+            model = torch.compile(model, backend=backend)
+        else:  # the whole forward: student pass, fused ops and the teacher in one graph
+            loss_forward = torch.compile(loss_forward, backend=backend)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if modes["precision"] == "bf16" \
         else contextlib.nullcontext
 
@@ -753,7 +763,6 @@ def _train(cfg, run_dir, resume, teacher_obj, rank, world, device) -> dict:
     window_loss = torch.zeros((), dtype=torch.float64, device=device)
     window_steps, window_t0 = 0, time.perf_counter()
     gen = torch.Generator(device)
-    T = float(L["sigma_max"])
     last = {"loss": None, "images_per_s": None}
     log_every, ckpt_every, snap_every = cfg["log_every"], cfg["checkpoint_every"], cfg["snapshot_every"]
 
@@ -765,7 +774,7 @@ def _train(cfg, run_dir, resume, teacher_obj, rank, world, device) -> dict:
             no_sync = model.no_sync() if world > 1 and a < A - 1 else contextlib.nullcontext()
             with no_sync:
                 with autocast():
-                    loss = loss_fn(model, z[sl] * T, None if labels is None else labels[sl], indices=idx[sl])
+                    loss = loss_forward(z[sl], None if labels is None else labels[sl], idx[sl])
                 (loss / A).backward()
             step_loss += loss.detach().float() / A
         if cfg["clip_grad_norm"] is not None:

@@ -324,8 +324,9 @@ class AutocastRecorder(EDMPrecond):
 
 
 @pytest.mark.parametrize("over", [{"channels_last": True}, {"compile": "aot_eager"},
-                                  {"precision": "bf16", "loss.teacher_precision": "auto"}],
-                         ids=["channels_last", "compile", "bf16-teacher"])
+                                  {"precision": "bf16", "loss.teacher_precision": "auto"},
+                                  {"precision": "bf16", "compile": "aot_eager", "channels_last": True}],
+                         ids=["channels_last", "compile", "bf16-teacher", "bf16-compile"])
 def test_fast_step_options_keep_the_loss(tmp_path, over):
     """The fast step's options (channels_last networks, a compiled student, the teacher in
     bf16) train the same student as the plain fp32 step, within their precision."""
