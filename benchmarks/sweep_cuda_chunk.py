@@ -36,6 +36,9 @@ def time_ms(fn, reps=50):
 
 
 def main(out=None):
+    if not torch.cuda.is_available():
+        print("sweep_cuda_chunk: needs a CUDA GPU; nothing measured")
+        return
     rows = []
     for shape in [(512, 3, 32, 32), (256, 3, 64, 64)]:
         cases = [make_case(shape, torch.float32, "cuda", seed=k) for k in range(4)]
