@@ -61,6 +61,7 @@ def make_setup(name, batch, variant):
     else:
         opt = torch.optim.RAdam(student.parameters(), lr=2e-4, foreach=False)
         loss_fn = PIDLoss(teacher, norm="l2", batched=False, backend="reference", teacher_precision="fp32")
+
     def forward():
         return loss_fn(student, noise, labels)
 

@@ -7,22 +7,10 @@ import time
 
 import torch
 
-import pid_fast
+from bench_pid_loss import make_step  # the benchmarks' fwd+bwd step (this folder)
 from pid_fast.testing import make_case
 
 case = make_case((64, 3, 32, 32))
-
-
-def fwd_bwd(backend):
-    f_t = case.f_t.detach().requires_grad_()
-    f_t2 = case.f_t2.detach().requires_grad_()
-
-    def step():
-        loss = pid_fast.pid_loss(case.noise, f_t, f_t2, case.teacher_out, *case.coefs(),
-                                 backend=backend, validate=False).mean()
-        return torch.autograd.grad(loss, (f_t, f_t2))
-
-    return step
 
 
 def median_ms(fn, n=30):
@@ -38,7 +26,7 @@ def median_ms(fn, n=30):
 
 args = (*case.streams(), case.t, case.t2, None, None, None, None, case.c_skip, case.c_out, None,
         80.0, 0, 0.0, True)
-ref, fused = median_ms(fwd_bwd("reference")), median_ms(fwd_bwd("cpu"))
+ref, fused = median_ms(make_step(case, "reference", "reference")), median_ms(make_step(case, "fused", "cpu"))
 op = median_ms(lambda: torch.ops.pid_fast.loss(*args))
 scale = median_ms(lambda: torch.ops.pid_fast.scale_rows(case.f_t, case.t))
 print(f"threads {torch.get_num_threads()}: reference {ref:.3f} ms, fused {fused:.3f} ms, "

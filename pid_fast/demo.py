@@ -138,8 +138,9 @@ def run_demo(out_dir: str | os.PathLike = "pid-demo", *, steps: int = DEMO_DEFAU
     max_minutes: wall-clock budget of the distillation (None: no limit); when a chunk ends past
     it, distillation stops there. resume: continue the run in ``out_dir/run`` (e.g. with more
     ``steps``). overwrite: start afresh, deleting a previous run in ``out_dir/run`` (only that
-    folder; the pictures and summary.json are rewritten anyway). threads: torch CPU threads (None: the faster of 1 and all cores, timed on the
-    teacher's network at start-up; see ``pick_threads``).
+    folder; the pictures and summary.json are rewritten anyway). threads: torch CPU threads
+    (None: the faster of 1 and all cores, timed on the teacher's network at start-up; see
+    ``pick_threads``).
     """
     from pid_fast.digits import DEFAULT_FEATURES, DEFAULT_TEACHER, load_digits_teacher
     from pid_fast.metrics import DigitsFeatures, digits_reference_features, fd_from_features, kernel_distance

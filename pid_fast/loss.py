@@ -10,7 +10,7 @@ One call, for a batch of B noises n = T z (T = sigma_max), follows the spec step
    in the teacher's dtype, detached;
 4. G = F_teacher(c_in y, c_noise(t), labels) without gradient: in the teacher's own dtype with
    autocast off (``teacher_precision=None``), forced to fp32 ("fp32"), or under bf16 autocast
-   ("bf16": matrix products and convolutions in bf16, normalisations in fp32);
+   ("bf16": matrix products and convolutions in bf16, the rest as autocast and the network decide);
 5. the fused residual + norm (pid_fast.pid_loss), or pred/target (pid_fast.pid_residual) and
    LPIPS; per-sample losses (B,) float32, optionally weighted by w(t).
 

@@ -41,7 +41,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
-from pid_fast.loss import PIDLoss
+from pid_fast.loss import TEACHER_PRECISIONS, PIDLoss
 from pid_fast.networks import build_network, network_config
 from pid_fast.preconditioning import (PRECONDITIONINGS, DirectDenoiser, EDMPrecond, GaussianDenoiser,
                                       Preconditioning, VEPrecond, VPPrecond, build_denoiser)
@@ -257,7 +257,7 @@ def resolve_config(config: Optional[Mapping[str, Any]] = None) -> dict:
     _need(loss["backend"] in (None, "reference", "cpu", "cuda", "triton"), "loss.backend",
           "null, 'reference', 'cpu', 'cuda' or 'triton'", loss["backend"])
     _need(isinstance(loss["batched"], bool), "loss.batched", "a bool", loss["batched"])
-    _need(loss["teacher_precision"] in ("auto", None, "fp32", "bf16"), "loss.teacher_precision",
+    _need(loss["teacher_precision"] in ("auto", *TEACHER_PRECISIONS), "loss.teacher_precision",
           "'auto', null, 'fp32' or 'bf16'", loss["teacher_precision"])
 
     teacher = cfg["teacher"]
