@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import pid_fast
-from pid_fast.testing import make_case
+from pid_fast.ops.testing import make_case
 
 HAS_CUDA = torch.cuda.is_available()
 CPU_SHAPES = [(64, 3, 32, 32)]

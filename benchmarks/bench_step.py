@@ -20,8 +20,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from pid_fast.loss import PIDLoss
-from pid_fast.networks import build_network, network_config
-from pid_fast.preconditioning import EDMPrecond
+from pid_fast.models.networks import build_network, network_config
+from pid_fast.models.preconditioning import EDMPrecond
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"

@@ -8,7 +8,7 @@ import time
 import torch
 
 from bench_pid_loss import make_step  # the benchmarks' fwd+bwd step (this folder)
-from pid_fast.testing import make_case
+from pid_fast.ops.testing import make_case
 
 case = make_case((64, 3, 32, 32))
 

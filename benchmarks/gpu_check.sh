@@ -29,11 +29,11 @@ run_tests() {  # file timeout
   echo "$1 rc=$?"; grep -E "^(FAILED|ERROR)|Fatal Python|line [0-9]+ in test_" "$OUT/part.log" | head -10
   tail -1 "$OUT/part.log"; cat "$OUT/part.log" >> "$OUT/tests.log"; rm "$OUT/part.log"
 }
-run_tests tests/test_ops_cuda.py 75
-run_tests tests/test_step_cuda.py 75
+run_tests tests/ops/test_ops_cuda.py 75
+run_tests tests/train/test_step_cuda.py 75
 # A SIGSEGV was seen once on an H200 in this test alone (C++ argument checks raising through the
 # ops); on its own, and with a native backtrace when it crashes and gdb is there.
-DIRECT="tests/test_ops.py::test_direct_op_calls_with_bad_input_raise"
+DIRECT="tests/ops/test_ops.py::test_direct_op_calls_with_bad_input_raise"
 run_tests "$DIRECT" 60
 if ! timeout 60 $PY -m pytest "$DIRECT" -q -p no:cacheprovider > /dev/null 2>&1 && command -v gdb > /dev/null; then
   timeout 90 gdb -batch -ex run -ex bt --args $PY -m pytest "$DIRECT" -q -p no:cacheprovider 2>&1 \
@@ -54,5 +54,5 @@ echo "bench_step rc=$?"; grep -E "^(FAILED|ERROR)|Error" "$OUT/bench.log" | head
 $PY benchmarks/summarize.py "$OUT/bench_loss.json" | tee "$OUT/summary.md"
 $PY benchmarks/summarize.py "$OUT/bench_step.json" | tee -a "$OUT/summary.md"
 left=$(( ${PID_FAST_GPU_BUDGET:-580} - ($(date +%s) - start) ))
-[ "$left" -gt 20 ] && run_tests tests/test_ops.py "$left"
+[ "$left" -gt 20 ] && run_tests tests/ops/test_ops.py "$left"
 echo "total_s $(( $(date +%s) - start ))"

@@ -11,7 +11,7 @@ import sys
 import torch
 
 import pid_fast  # noqa: F401
-from pid_fast.testing import make_case
+from pid_fast.ops.testing import make_case
 
 
 def time_ms(fn, reps=50):

@@ -4,8 +4,8 @@ import copy
 import torch
 
 from pid_fast.loss import PIDLoss
-from pid_fast.networks import build_network
-from pid_fast.preconditioning import EDMPrecond
+from pid_fast.models.networks import build_network
+from pid_fast.models.preconditioning import EDMPrecond
 
 torch.manual_seed(0)
 teacher = EDMPrecond(build_network("tiny-ddpmpp"))  # your trained teacher (e.g. edm_checkpoint.load_teacher)

@@ -8,6 +8,7 @@ Entry points:
   PIDLoss            the drop-in loss module: loss = PIDLoss(teacher)(student_net, noise)
 """
 
+from pid_fast import _legacy
 from pid_fast.loss import PIDLoss, pid_distillation_loss
 from pid_fast.ops import (
     BACKENDS,
@@ -20,6 +21,8 @@ from pid_fast.ops import (
 )
 
 __version__ = "0.1.0"
+
+_legacy.install()  # old module paths (pid_fast.training, ...) keep working for one release
 
 __all__ = [
     "BACKENDS",

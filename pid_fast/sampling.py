@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from pid_fast.preconditioning import edm_coefficients, sigma_vector, student_coefficients
+from pid_fast.models.preconditioning import edm_coefficients, sigma_vector, student_coefficients
 
 __all__ = [
     "SIGMA_MIN", "SIGMA_MAX", "RHO", "SIGMA_DATA", "NUM_POINTS", "karras_sigmas", "pid_time", "pid_grid",

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from pid_fast.networks import build_network, network_config
-from pid_fast.preconditioning import EDMPrecond, GaussianDenoiser, edm_coefficients
+from pid_fast.models.networks import build_network, network_config
+from pid_fast.models.preconditioning import EDMPrecond, GaussianDenoiser, edm_coefficients
 from pid_fast.sampling import (euler_sample, heun_sample, karras_sigmas, ode_sample, pid_grid,
                                pid_neighbour_index, pid_time, sample_pid_times, seeded_latents, seeded_randn,
                                student_sample, student_trajectory)

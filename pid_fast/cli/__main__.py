@@ -1,0 +1,3 @@
+from pid_fast.cli import main
+
+main()

@@ -1,0 +1,49 @@
+"""`pid-fast convert`: an EDM network-snapshot .pkl to a pid_fast safetensors file."""
+
+from __future__ import annotations
+
+import os
+
+import click
+
+
+@click.command()
+@click.argument("source", type=click.Path(exists=True, dir_okay=False))
+@click.argument("destination", type=click.Path(dir_okay=False))
+@click.option("--key", default="ema", show_default=True, help="Entry of the snapshot dict to convert.")
+@click.option("--expect", default=None, metavar="NAME",
+              help="Check the weights against a named network config (e.g. cifar10-ddpmpp).")
+@click.option("--overwrite", is_flag=True, help="Replace DESTINATION if it exists.")
+def convert(source: str, destination: str, key: str, expect: str | None, overwrite: bool) -> None:
+    """Convert an EDM network-snapshot .pkl to a pid_fast safetensors file.
+
+    The pickle is read by an allow-listing unpickler: the Python source embedded in the
+    file is never executed, and a file that references anything else is refused.
+    The output holds the raw network weights (no 'model.' prefix, no map_augment) and the
+    architecture/preconditioning config as JSON metadata ('pid_fast.config').
+    """
+    from pid_fast.io.edm_checkpoint import (CheckpointFormatError, ConfigMismatchError, UnsafeCheckpointError,
+                                         convert as convert_checkpoint)
+    from pid_fast.models.networks import NETWORK_CONFIGS
+
+    if expect is not None and expect not in NETWORK_CONFIGS:
+        raise click.BadParameter(f"unknown config {expect!r}; available: {', '.join(sorted(NETWORK_CONFIGS))}",
+                                 param_hint="--expect")
+    if os.path.exists(destination) and not overwrite:
+        raise click.UsageError(f"{destination} exists; pass --overwrite to replace it")
+    try:
+        ckpt = convert_checkpoint(source, destination, key=key, expect=expect)
+    except UnsafeCheckpointError as exc:
+        raise click.ClickException(f"unsafe checkpoint: {exc}") from None
+    except (CheckpointFormatError, ConfigMismatchError) as exc:
+        raise click.ClickException(str(exc)) from None
+    network = ckpt.config["network"]
+    params = sum(v.numel() for v in ckpt.state_dict.values())
+    click.echo(f"{source} [{key}] -> {destination}")
+    click.echo(f"  {network['model_type']} with {ckpt.config['precond']} preconditioning, "
+               f"{len(ckpt.state_dict)} tensors, {params:,} values"
+               + (f", dropped {len(ckpt.dropped_keys)} map_augment tensor(s)" if ckpt.dropped_keys else ""))
+
+
+def register(group: click.Group) -> None:
+    group.add_command(convert)

@@ -1,0 +1,1 @@
+"""Evaluation: Frechet distances and features, images, plots, the LPIPS norm."""

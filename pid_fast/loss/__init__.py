@@ -1,0 +1,17 @@
+"""The PID distillation loss: ``PIDLoss`` (drop-in module) and ``pid_distillation_loss``.
+
+    distillation.py  one loss call as the data path: grid times -> student (2B) -> assemble ->
+                     teacher -> fused residual/norm (or pred/target and LPIPS)
+"""
+
+from pid_fast.loss.distillation import (
+    NORMS,
+    TEACHER_PRECISIONS,
+    PIDLoss,
+    default_noise_labels,
+    grid_times,
+    pid_distillation_loss,
+)
+
+__all__ = ["PIDLoss", "pid_distillation_loss", "grid_times", "default_noise_labels", "NORMS",
+           "TEACHER_PRECISIONS"]

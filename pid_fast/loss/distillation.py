@@ -1,0 +1,294 @@
+"""The PID distillation loss as a drop-in ``nn.Module`` (``PIDLoss``) and a function
+(``pid_distillation_loss``).
+
+One call, for a batch of B noises n = T z (T = sigma_max), follows the spec step by step:
+
+1. i ~ UniformInt{0..N-1} per sample, i2 = i + 1 (N - 2 at i = N - 1), t = t_i, t2 = t_i2;
+2. the student's raw network F at (c n, c_noise(t)) and (c n, c_noise(t2)), c = 1/sqrt(sd^2 + T^2),
+   as ONE forward of batch 2B (``batched=False``: two forwards);
+3. the teacher's input c_in(t) y with y = (t/T) n + (1 - t/T) F(t), by the fused assemble op,
+   in the teacher's dtype, detached;
+4. G = F_teacher(c_in y, c_noise(t), labels) without gradient: in the teacher's own dtype with
+   autocast off (``teacher_precision=None``), forced to fp32 ("fp32"), or under bf16 autocast
+   ("bf16": matrix products and convolutions in bf16, the rest as autocast and the network decide);
+5. the fused residual + norm (pid_fast.pid_loss), or pred/target (pid_fast.pid_residual) and
+   LPIPS; per-sample losses (B,) float32, optionally weighted by w(t).
+
+No host syncs: the grid indices are drawn on the noise's device and the times
+are computed from them elementwise.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from pid_fast.ops import pid_assemble, pid_loss, pid_residual
+from pid_fast.models.preconditioning import DirectDenoiser, Preconditioning, as_denoiser, edm_coefficients
+from pid_fast.sampling import pid_neighbour_index
+
+__all__ = ["PIDLoss", "pid_distillation_loss", "grid_times", "default_noise_labels", "NORMS", "TEACHER_PRECISIONS"]
+
+NORMS = ("l2", "l1", "huber", "lpips")
+TEACHER_PRECISIONS = (None, "fp32", "bf16")
+
+
+def grid_times(i: torch.Tensor, num_points: int, sigma_min: float, sigma_max: float,
+               rho: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """t_i = (T^(1/rho) + i/(N-1) (sigma_min^(1/rho) - T^(1/rho)))^rho in ``dtype``.
+
+    The same values as ``sampling.pid_time`` (fp64, rounded once), without its range check,
+    which would sync with the device on every call."""
+    hi, lo = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    return ((hi + i.to(torch.float64) / (num_points - 1) * (lo - hi)) ** rho).to(dtype)
+
+
+def _check_grid(num_points, sigma_min, sigma_max, rho) -> None:
+    if isinstance(num_points, bool) or not isinstance(num_points, int) or num_points < 2:
+        raise ValueError(f"N (num_points) must be an int >= 2, got {num_points!r}")
+    for name, v in (("sigma_min", sigma_min), ("sigma_max", sigma_max), ("rho", rho)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise ValueError(f"{name} must be a positive finite number, got {v!r}")
+    if not sigma_min < sigma_max:
+        raise ValueError(f"sigma_min ({sigma_min}) must be smaller than sigma_max ({sigma_max})")
+
+
+def _check_norm(norm, huber_c, lpips) -> None:
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    if norm == "huber" and (huber_c is None or not float(huber_c) > 0):
+        raise ValueError(f"huber_c must be a positive number for norm='huber', got {huber_c!r}")
+    if norm != "huber" and huber_c is not None:
+        raise ValueError(f"huber_c is only used with norm='huber' (norm={norm!r})")
+    if norm == "lpips" and not callable(lpips):
+        raise ValueError("norm='lpips' needs lpips=<a callable (pred, target) -> (B,) losses>, e.g. "
+                         "pid_fast.eval.lpips.LPIPSNorm(weights='/path/to/vgg16.pth')")
+    if norm != "lpips" and lpips is not None:
+        raise ValueError(f"lpips is only used with norm='lpips' (norm={norm!r})")
+
+
+def _edm_noise_labels(t: torch.Tensor) -> torch.Tensor:
+    return edm_coefficients(t).c_noise
+
+
+def default_noise_labels(teacher: Preconditioning) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The student's c_noise(t): the teacher's rule when the teacher is a preconditioned
+    network (the student starts as a copy of it), EDM's ln(t)/4 for a direct denoiser."""
+    if isinstance(teacher, DirectDenoiser):
+        return _edm_noise_labels
+    return lambda t: teacher.coefficients(t).c_noise
+
+
+def _check_teacher_precision(teacher_precision) -> None:
+    if teacher_precision not in TEACHER_PRECISIONS:
+        raise ValueError(f"teacher_precision must be one of {TEACHER_PRECISIONS} (None: the teacher's own "
+                         f"dtype), got {teacher_precision!r}")
+
+
+def _teacher_dtype(teacher: Preconditioning, noise: torch.Tensor, force_fp32: bool) -> torch.dtype:
+    if isinstance(teacher, DirectDenoiser):
+        return noise.dtype  # direct denoisers compute in their input's dtype
+    return teacher.model_dtype(noise.device, force_fp32)
+
+
+def _teacher_input(noise, f_t, a, c_in, dtype, backend):
+    """c_in (a n + (1 - a) F(t)), detached, in the teacher's dtype: the fused assemble op, or
+    plain PyTorch for a float64 teacher (the fused ops store 16/32-bit floats)."""
+    if dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return pid_assemble(noise, f_t, a, 1.0 - a, c_in.to(a.dtype), out_dtype=dtype, backend=backend)[1]
+    view = (-1,) + (1,) * (noise.dim() - 1)
+    x = a.reshape(view).to(dtype) * noise.to(dtype) + (1.0 - a).reshape(view).to(dtype) * f_t.to(dtype)
+    return c_in.reshape(view).to(dtype) * x
+
+
+def _check_inputs(student, noise, labels, indices) -> None:
+    if not callable(student):
+        raise TypeError(f"student must be callable F(x_in, c_noise, labels) (the raw network), "
+                        f"got {type(student).__name__}")
+    if not isinstance(noise, torch.Tensor):
+        raise TypeError(f"noise must be a torch.Tensor, got {type(noise).__name__}")
+    if not noise.is_floating_point():
+        raise TypeError(f"noise must be a floating-point tensor, got dtype {noise.dtype}")
+    if noise.dim() < 2 or noise.shape[0] == 0:
+        raise ValueError(f"noise must have shape (B, ...) with B >= 1, got {tuple(noise.shape)}")
+    B = noise.shape[0]
+    if labels is not None:
+        if not isinstance(labels, torch.Tensor):
+            raise TypeError(f"labels must be a tensor or None, got {type(labels).__name__}")
+        if labels.shape[0] != B:
+            raise ValueError(f"labels must have batch size {B} (noise's), got shape {tuple(labels.shape)}")
+    if indices is not None:
+        if not isinstance(indices, torch.Tensor) or indices.is_floating_point() or indices.dtype == torch.bool:
+            raise TypeError("indices must be an integer tensor of grid indices (B,)")
+        if indices.shape != (B,):
+            raise ValueError(f"indices must have shape ({B},), got {tuple(indices.shape)}")
+
+
+def pid_distillation_loss(student: Callable[..., torch.Tensor], teacher: Any, noise: torch.Tensor,
+                          labels: Optional[torch.Tensor] = None, *, num_points: int = 250,
+                          sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
+                          sigma_data: Optional[float] = None, norm: str = "l2",
+                          huber_c: Optional[float] = None, lpips: Optional[Callable] = None,
+                          weighting: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                          backend: Optional[str] = None, batched: bool = True,
+                          noise_labels: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                          indices: Optional[torch.Tensor] = None,
+                          generator: Optional[torch.Generator] = None,
+                          teacher_precision: Optional[str] = None,
+                          return_times: bool = False):
+    """The PID loss of each sample, float32 (B,) (float64 for float64 noise), differentiable
+    w.r.t. the student's weights.
+
+    student: the raw network F(x_in, c_noise, labels) (not preconditioned; the boundary
+        parametrization x = (t/T) n + (1 - t/T) F is applied here).
+    teacher: a ``Preconditioning`` (e.g. EDMPrecond, or from ``as_denoiser``) or any callable
+        D(x, sigma, labels). It is run without gradient, and with autocast off unless
+        ``teacher_precision="bf16"``.
+    noise: n = sigma_max z, shape (B, ...). labels: class labels for both networks or None.
+    indices: grid indices i (B,) to use instead of drawing them (e.g. to share one draw across
+        data-parallel ranks); generator: the generator that draws them otherwise.
+    weighting: w(t) -> (B,) weights (None: uniform). noise_labels: the student's c_noise(t)
+        (None: the teacher's rule, see ``default_noise_labels``).
+    teacher_precision: None (the teacher's own dtype, e.g. fp16 for an EDM ``use_fp16`` teacher
+        on CUDA), "fp32" (forced), or "bf16" (its network under bf16 autocast: about half the
+        teacher's time on tensor-core GPUs, G within bf16 rounding of the fp32 teacher's).
+    return_times: also return (t, t2).
+    """
+    if not isinstance(teacher, Preconditioning):
+        teacher = as_denoiser(teacher)
+    _check_grid(num_points, sigma_min, sigma_max, rho)
+    _check_norm(norm, huber_c, lpips)
+    _check_inputs(student, noise, labels, indices)
+    _check_teacher_precision(teacher_precision)
+    if sigma_data is None:
+        sigma_data = float(getattr(teacher, "sigma_data", 0.5))
+    noise_labels = noise_labels or default_noise_labels(teacher)
+    B, dev = noise.shape[0], noise.device
+
+    # 1. Grid indices and times (on the device: no host sync).
+    if indices is None:
+        gen_dev = generator.device if generator is not None else dev
+        indices = torch.randint(0, num_points, (B,), generator=generator, device=gen_dev)
+    i = indices.to(dev)
+    i2 = pid_neighbour_index(i, num_points)
+    # Times and coefficients in float32 (float64 for float64 noise, e.g. reference checks).
+    tdtype = torch.float64 if noise.dtype == torch.float64 else torch.float32
+    t = grid_times(i, num_points, sigma_min, sigma_max, rho, tdtype)
+    t2 = grid_times(i2, num_points, sigma_min, sigma_max, rho, tdtype)
+
+    # 2. The two student evaluations on the same input c n, at c_noise(t) and c_noise(t2).
+    c = 1.0 / math.sqrt(sigma_data ** 2 + sigma_max ** 2)
+    x_in = noise * c
+    cn, cn2 = noise_labels(t).reshape(B), noise_labels(t2).reshape(B)
+    if batched:
+        both_labels = None if labels is None else torch.cat([labels, labels])
+        F = student(torch.cat([x_in, x_in]), torch.cat([cn, cn2]), both_labels)
+        if not isinstance(F, torch.Tensor) or F.shape != (2 * B, *noise.shape[1:]):
+            raise ValueError(f"student output must have shape {(2 * B, *noise.shape[1:])}, got "
+                             f"{tuple(F.shape) if isinstance(F, torch.Tensor) else type(F).__name__}")
+        f_t, f_t2 = F[:B], F[B:]
+    else:
+        f_t, f_t2 = student(x_in, cn, labels), student(x_in, cn2, labels)
+        for name, f in (("f_t", f_t), ("f_t2", f_t2)):
+            if not isinstance(f, torch.Tensor) or f.shape != noise.shape:
+                raise ValueError(f"student output ({name}) must have shape {tuple(noise.shape)}")
+
+    # 3.-4. Teacher at (y, t), y = a n + b F(t): its input c_in y comes from the fused
+    # assemble op in the teacher's dtype, detached (no gradient through the teacher's input).
+    coef = teacher.coefficients(t)
+    a = t / sigma_max
+    # "bf16": the network's fp32 path under bf16 autocast (also for an fp16 EDM teacher).
+    force_fp32 = teacher_precision in ("fp32", "bf16")
+    bf16 = teacher_precision == "bf16"
+    # no_grad rather than inference_mode: inference tensors break torch.compile of a whole step.
+    with torch.no_grad():
+        teacher_in = _teacher_input(noise, f_t.detach(), a, coef.c_in,
+                                    _teacher_dtype(teacher, noise, force_fp32), backend)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+            G = teacher.raw(teacher_in, coef.c_noise, labels, force_fp32=force_fp32)
+
+    # 5. Residual and norm in one fused pass (a = t/T, b = 1 - t/T are the ops' defaults).
+    weight = None if weighting is None else weighting(t).reshape(B).to(tdtype)
+    common = dict(sigma_max=float(sigma_max), backend=backend, validate=False)
+    if norm == "lpips":
+        pred, target = pid_residual(noise, f_t, f_t2, G, t, t2, coef.c_skip, coef.c_out, **common)
+        per_sample = lpips(pred, target).reshape(B).to(tdtype)
+        if weight is not None:
+            per_sample = per_sample * weight
+    else:
+        per_sample = pid_loss(noise, f_t, f_t2, G, t, t2, coef.c_skip, coef.c_out, norm=norm,
+                              huber_c=huber_c, weight=weight, **common)
+    return (per_sample, t, t2) if return_times else per_sample
+
+
+class PIDLoss(nn.Module):
+    """Drop-in PID loss: ``loss = pid(student_net, noise, labels)``; ``loss.backward()``.
+
+    teacher: a ``Preconditioning`` (EDMPrecond, VPPrecond, ...) or a callable D(x, sigma,
+        labels); it is frozen (eval mode, no gradients) and registered as a submodule so that
+        ``.to(device)`` moves it.
+    N, sigma_min, sigma_max, rho: the training grid. norm: "l2", "l1", "huber" (with
+    ``huber_c``) or "lpips" (with ``lpips``, e.g. ``LPIPSNorm(weights=path)``).
+    backend: the fused-op backend (None: by device). batched: one student forward of batch 2B
+    (False: two forwards of batch B). teacher_precision: None (the teacher's own dtype), "fp32"
+    or "bf16" (the teacher under bf16 autocast; see ``pid_distillation_loss``).
+
+    The call returns the mean loss over the batch; the per-sample values of the last call are
+    kept (detached) in ``last_per_sample`` and their times in ``last_t``, ``last_t2``.
+    """
+
+    def __init__(self, teacher: Any, N: int = 250, sigma_min: float = 0.002, sigma_max: float = 80.0,
+                 rho: float = 7.0, norm: str = "l2", backend: Optional[str] = None, batched: bool = True, *,
+                 huber_c: Optional[float] = None, lpips: Optional[Callable] = None,
+                 weighting: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                 sigma_data: Optional[float] = None,
+                 noise_labels: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                 teacher_precision: Optional[str] = None):
+        super().__init__()
+        _check_grid(N, sigma_min, sigma_max, rho)
+        _check_norm(norm, huber_c, lpips)
+        _check_teacher_precision(teacher_precision)
+        if not isinstance(batched, bool):
+            raise TypeError(f"batched must be a bool, got {type(batched).__name__}")
+        if weighting is not None and not callable(weighting):
+            raise TypeError(f"weighting must be a callable w(t) -> (B,) or None, got {type(weighting).__name__}")
+        if not isinstance(teacher, Preconditioning):
+            teacher = as_denoiser(teacher)
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.lpips = lpips
+        self.N, self.sigma_min, self.sigma_max, self.rho = N, float(sigma_min), float(sigma_max), float(rho)
+        self.norm, self.huber_c, self.backend, self.batched = norm, huber_c, backend, batched
+        self.weighting = weighting
+        self.teacher_precision = teacher_precision
+        self.sigma_data = float(sigma_data if sigma_data is not None else getattr(teacher, "sigma_data", 0.5))
+        self.noise_labels = noise_labels or default_noise_labels(teacher)
+        self.last_per_sample: Optional[torch.Tensor] = None
+        self.last_t: Optional[torch.Tensor] = None
+        self.last_t2: Optional[torch.Tensor] = None
+
+    def train(self, mode: bool = True) -> "PIDLoss":
+        super().train(mode)
+        self.teacher.eval()  # the teacher is always evaluated deterministically
+        return self
+
+    def per_sample(self, student, noise, labels=None, *, indices=None, generator=None) -> torch.Tensor:
+        """The per-sample losses (B,) float32 (also stored in ``last_per_sample``)."""
+        per, t, t2 = pid_distillation_loss(
+            student, self.teacher, noise, labels, num_points=self.N, sigma_min=self.sigma_min,
+            sigma_max=self.sigma_max, rho=self.rho, sigma_data=self.sigma_data, norm=self.norm,
+            huber_c=self.huber_c, lpips=self.lpips, weighting=self.weighting, backend=self.backend,
+            batched=self.batched, noise_labels=self.noise_labels, indices=indices, generator=generator,
+            teacher_precision=self.teacher_precision, return_times=True)
+        self.last_per_sample, self.last_t, self.last_t2 = per.detach(), t, t2
+        return per
+
+    def forward(self, student, noise, labels=None, *, indices=None, generator=None) -> torch.Tensor:
+        return self.per_sample(student, noise, labels, indices=indices, generator=generator).mean()
+
+    def extra_repr(self) -> str:
+        return (f"N={self.N}, sigma_min={self.sigma_min}, sigma_max={self.sigma_max}, rho={self.rho}, "
+                f"norm={self.norm!r}, backend={self.backend!r}, batched={self.batched}, "
+                f"teacher_precision={self.teacher_precision!r}")
