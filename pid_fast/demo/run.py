@@ -23,6 +23,9 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from pid_fast.eval.checkpoints import pick_weights
+from pid_fast.train.threads import pick_threads
+
 __all__ = ["DEMO_DEFAULTS", "demo_config", "pick_weights", "run_demo", "format_table"]
 
 # The recipe of the demo's distillation. The student starts as a copy of the teacher (PID);
@@ -64,50 +67,6 @@ def demo_config(teacher_path: str, *, steps: int, batch_size: int, lr: float, N:
         "snapshot_num": 64,
         "progress": progress,
     }
-
-
-def pick_weights(weights: str, ema_rates, steps: int, max_initial_share: float = 0.15) -> str:
-    """The student weights to score. 'model' / 'ema-<rate>' are checked against ``ema_rates``;
-    'auto' is the slowest EMA whose remaining share of the initial weights, rate^steps, is at
-    most ``max_initial_share`` (the trainer's EMAs start at the student's initial weights, here
-    the teacher's, which are a poor one-step student), else 'model'. Decided from the step
-    count alone, never from the scores."""
-    rates = [float(r) for r in ema_rates]
-    if weights == "auto":
-        ok = [r for r in rates if r ** steps <= max_initial_share]
-        return f"ema-{max(ok)}" if ok else "model"
-    if weights == "model" or (isinstance(weights, str) and weights.startswith("ema-")
-                              and _float_or_none(weights[4:]) in rates):
-        return weights
-    raise ValueError(f"weights must be 'auto', 'model' or 'ema-<rate>' with a rate in {rates}, got {weights!r}")
-
-
-def pick_threads(net: torch.nn.Module, shape, candidates=None, repeats: int = 2) -> tuple[int, dict[int, float]]:
-    """The faster of 1 thread and all cores for a forward+backward of ``net`` on a batch of
-    ``shape`` (best of ``repeats`` after a warm-up), and the timings. On a busy machine OpenMP's
-    spinning threads can make 2 threads many times slower than 1; on an idle one they help."""
-    import copy
-
-    if candidates is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        candidates = sorted({1, cores})
-    net = copy.deepcopy(net).train().requires_grad_(True)
-    x, c = torch.randn(shape), torch.zeros(shape[0])
-    before = torch.get_num_threads()
-    timings = {}
-    try:
-        for n in candidates:
-            torch.set_num_threads(n)
-            best = float("inf")
-            for k in range(repeats + 1):
-                t0 = time.perf_counter()
-                net(x, c).square().mean().backward()
-                if k:  # the first call warms up
-                    best = min(best, time.perf_counter() - t0)
-            timings[n] = best
-    finally:
-        torch.set_num_threads(before)
-    return min(timings, key=timings.get), timings
 
 
 def _float_or_none(text: str) -> Optional[float]:

@@ -45,6 +45,9 @@ from pid_fast.loss import TEACHER_PRECISIONS, PIDLoss
 from pid_fast.models.networks import build_network, network_config
 from pid_fast.models.preconditioning import (PRECONDITIONINGS, DirectDenoiser, EDMPrecond, GaussianDenoiser,
                                       Preconditioning, VEPrecond, VPPrecond, build_denoiser)
+from pid_fast.io.atomic import atomic_write
+from pid_fast.train.ema import EMA
+from pid_fast.eval.images import save_image_grid, save_images, to_uint8  # noqa: F401  (re-exported)
 from pid_fast.sampling import seeded_latents, student_sample
 
 __all__ = [
@@ -361,38 +364,6 @@ def build_student(scfg: Mapping[str, Any], teacher: Preconditioning, teacher_net
     return net.to(device).train().requires_grad_(True), net_cfg
 
 
-class EMA:
-    """Exponential moving averages of a network's weights, one per rate:
-    ema <- rate ema + (1 - rate) theta after every optimizer step (buffers are copied)."""
-
-    def __init__(self, model: nn.Module, rates):
-        self.rates = [float(r) for r in rates]
-        self.models = {r: copy.deepcopy(model).eval().requires_grad_(False) for r in self.rates}
-
-    @staticmethod
-    def key(rate: float) -> str:
-        return repr(float(rate))
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        params = [p.detach() for p in model.parameters()]
-        buffers = list(model.buffers())
-        for rate, ema in self.models.items():
-            # lerp: ema + (1 - rate) (theta - ema), fused over all tensors.
-            torch._foreach_lerp_(list(ema.parameters()), params, 1.0 - rate)
-            for b_ema, b in zip(ema.buffers(), buffers):
-                b_ema.copy_(b)
-
-    def state_dict(self) -> dict:
-        return {self.key(r): m.state_dict() for r, m in self.models.items()}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        for r, m in self.models.items():
-            if self.key(r) not in state:
-                raise ValueError(f"checkpoint has no EMA with rate {r} (has {sorted(state)})")
-            m.load_state_dict(state[self.key(r)])
-
-
 def _noise_rule(teacher: Preconditioning) -> dict:
     """How the student's c_noise(t) is computed (the teacher's rule), as a JSON-able dict."""
     if isinstance(teacher, VPPrecond):
@@ -465,35 +436,10 @@ def _set_rng_state(state: Mapping[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """torch.save to a temporary file in the same folder, fsync, then rename over ``path``:
     ``path`` is either the old complete file or the new complete file, never a partial one."""
-    path = os.fspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, str]]:
@@ -525,41 +471,6 @@ def load_latest_checkpoint(run_dir: str | os.PathLike) -> Optional[tuple[str, di
 
 def _checkpoint_path(run_dir: str, step: int) -> str:
     return os.path.join(run_dir, f"checkpoint-{step:09d}.pt")
-
-
-# ============================================================================================
-# Images
-
-
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """(B, C, H, W) in [-1, 1] -> (B, H, W, C) uint8."""
-    x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
-
-
-def _pil(img: np.ndarray):
-    from PIL import Image
-
-    return Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)
-
-
-def save_image_grid(x: torch.Tensor, path: str, cols: Optional[int] = None) -> None:
-    """A PNG grid of a batch (B, C, H, W) in [-1, 1]."""
-    imgs = to_uint8(x)
-    B, H, W, C = imgs.shape
-    cols = cols or max(1, int(math.ceil(math.sqrt(B))))
-    rows = int(math.ceil(B / cols))
-    grid = np.zeros((rows * H, cols * W, C), dtype=np.uint8)
-    for k in range(B):
-        r, c = divmod(k, cols)
-        grid[r * H:(r + 1) * H, c * W:(c + 1) * W] = imgs[k]
-    _pil(grid).save(path)
-
-
-def save_images(x: torch.Tensor, folder: str, names) -> None:
-    os.makedirs(folder, exist_ok=True)
-    for img, name in zip(to_uint8(x), names):
-        _pil(img).save(os.path.join(folder, f"{name}.png"))
 
 
 # ============================================================================================
