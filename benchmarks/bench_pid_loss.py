@@ -130,7 +130,7 @@ def bench_gpu_fused_single_pass(benchmark, shape, backend):
     """The loss op alone with need_grad=True, graph-replayed: the one pass that reads 4 and
     writes 2 tensors (what a trainer that applies the gradient itself pays; the autograd path
     adds a scaling pass over both gradients)."""
-    ops = pid_fast.ops._ops(backend)
+    ops = pid_fast.ops.backends.op_namespace(backend)
     cases = [make_case(shape, torch.float32, "cuda", seed=k) for k in range(NSETS["cuda"])]
     calls = [lambda c=c: ops.loss(*c.streams(), c.t, c.t2, None, None, None, None, c.c_skip,
                                   c.c_out, None, 80.0, 0, 0.0, True) for c in cases]

@@ -13,6 +13,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from pid_fast.checks import check_int, check_sigma_range
 from pid_fast.models.preconditioning import edm_coefficients, sigma_vector, student_coefficients
 
 __all__ = [
@@ -29,17 +30,11 @@ NUM_POINTS = 250
 
 
 def _check_sigma_range(sigma_min: float, sigma_max: float, rho: float, who: str) -> None:
-    for name, value in (("sigma_min", sigma_min), ("sigma_max", sigma_max), ("rho", rho)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-            raise ValueError(f"{who}: {name} must be a positive finite number, got {value!r}")
-    if sigma_min >= sigma_max:
-        raise ValueError(f"{who}: sigma_min ({sigma_min}) must be smaller than sigma_max ({sigma_max})")
+    check_sigma_range(sigma_min, sigma_max, rho, where=f"{who}: ")
 
 
 def _check_count(value: Any, minimum: int, name: str, who: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{who}: {name} must be an int >= {minimum}, got {value!r}")
-    return value
+    return check_int(value, f"{who}: {name}", minimum)
 
 
 # ----------------------------------------------------------------------------------------

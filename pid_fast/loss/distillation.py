@@ -26,13 +26,14 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from pid_fast.checks import LOSS_NORMS, check_choice, check_grid, check_norm
 from pid_fast.ops import pid_assemble, pid_loss, pid_residual
 from pid_fast.models.preconditioning import DirectDenoiser, Preconditioning, as_denoiser, edm_coefficients
 from pid_fast.sampling import pid_neighbour_index
 
 __all__ = ["PIDLoss", "pid_distillation_loss", "grid_times", "default_noise_labels", "NORMS", "TEACHER_PRECISIONS"]
 
-NORMS = ("l2", "l1", "huber", "lpips")
+NORMS = LOSS_NORMS
 TEACHER_PRECISIONS = (None, "fp32", "bf16")
 
 
@@ -47,27 +48,11 @@ def grid_times(i: torch.Tensor, num_points: int, sigma_min: float, sigma_max: fl
 
 
 def _check_grid(num_points, sigma_min, sigma_max, rho) -> None:
-    if isinstance(num_points, bool) or not isinstance(num_points, int) or num_points < 2:
-        raise ValueError(f"N (num_points) must be an int >= 2, got {num_points!r}")
-    for name, v in (("sigma_min", sigma_min), ("sigma_max", sigma_max), ("rho", rho)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-            raise ValueError(f"{name} must be a positive finite number, got {v!r}")
-    if not sigma_min < sigma_max:
-        raise ValueError(f"sigma_min ({sigma_min}) must be smaller than sigma_max ({sigma_max})")
+    check_grid(num_points, sigma_min, sigma_max, rho)
 
 
 def _check_norm(norm, huber_c, lpips) -> None:
-    if norm not in NORMS:
-        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-    if norm == "huber" and (huber_c is None or not float(huber_c) > 0):
-        raise ValueError(f"huber_c must be a positive number for norm='huber', got {huber_c!r}")
-    if norm != "huber" and huber_c is not None:
-        raise ValueError(f"huber_c is only used with norm='huber' (norm={norm!r})")
-    if norm == "lpips" and not callable(lpips):
-        raise ValueError("norm='lpips' needs lpips=<a callable (pred, target) -> (B,) losses>, e.g. "
-                         "pid_fast.eval.lpips.LPIPSNorm(weights='/path/to/vgg16.pth')")
-    if norm != "lpips" and lpips is not None:
-        raise ValueError(f"lpips is only used with norm='lpips' (norm={norm!r})")
+    check_norm(norm, huber_c, norms=NORMS, lpips=lpips)
 
 
 def _edm_noise_labels(t: torch.Tensor) -> torch.Tensor:
@@ -83,9 +68,7 @@ def default_noise_labels(teacher: Preconditioning) -> Callable[[torch.Tensor], t
 
 
 def _check_teacher_precision(teacher_precision) -> None:
-    if teacher_precision not in TEACHER_PRECISIONS:
-        raise ValueError(f"teacher_precision must be one of {TEACHER_PRECISIONS} (None: the teacher's own "
-                         f"dtype), got {teacher_precision!r}")
+    check_choice(teacher_precision, "teacher_precision", TEACHER_PRECISIONS)
 
 
 def _teacher_dtype(teacher: Preconditioning, noise: torch.Tensor, force_fp32: bool) -> torch.dtype:
@@ -166,62 +149,81 @@ def pid_distillation_loss(student: Callable[..., torch.Tensor], teacher: Any, no
     if sigma_data is None:
         sigma_data = float(getattr(teacher, "sigma_data", 0.5))
     noise_labels = noise_labels or default_noise_labels(teacher)
-    B, dev = noise.shape[0], noise.device
 
-    # 1. Grid indices and times (on the device: no host sync).
+    t, t2 = _draw_times(noise, num_points, sigma_min, sigma_max, rho, indices, generator)
+    f_t, f_t2 = _student_pair(student, noise, labels, noise_labels(t), noise_labels(t2),
+                              1.0 / math.sqrt(sigma_data ** 2 + sigma_max ** 2), batched)
+    coef = teacher.coefficients(t)
+    teacher_out = _teacher_output(teacher, noise, f_t, t / sigma_max, coef, labels,
+                                  teacher_precision, backend)
+    weight = None if weighting is None else weighting(t).reshape(noise.shape[0]).to(t.dtype)
+    per_sample = _per_sample_loss(noise, f_t, f_t2, teacher_out, t, t2, coef, weight,
+                                  sigma_max, norm, huber_c, lpips, backend)
+    return (per_sample, t, t2) if return_times else per_sample
+
+
+def _draw_times(noise, num_points, sigma_min, sigma_max, rho, indices, generator):
+    """Step 1: grid indices i ~ UniformInt{0..N-1} (or the given ones), i2 = the neighbour
+    (N - 2 at i = N - 1), and their times, on the noise's device (no host sync). Times are
+    float32 (float64 for float64 noise, e.g. reference checks)."""
+    B, dev = noise.shape[0], noise.device
     if indices is None:
         gen_dev = generator.device if generator is not None else dev
         indices = torch.randint(0, num_points, (B,), generator=generator, device=gen_dev)
     i = indices.to(dev)
     i2 = pid_neighbour_index(i, num_points)
-    # Times and coefficients in float32 (float64 for float64 noise, e.g. reference checks).
     tdtype = torch.float64 if noise.dtype == torch.float64 else torch.float32
-    t = grid_times(i, num_points, sigma_min, sigma_max, rho, tdtype)
-    t2 = grid_times(i2, num_points, sigma_min, sigma_max, rho, tdtype)
+    return (grid_times(i, num_points, sigma_min, sigma_max, rho, tdtype),
+            grid_times(i2, num_points, sigma_min, sigma_max, rho, tdtype))
 
-    # 2. The two student evaluations on the same input c n, at c_noise(t) and c_noise(t2).
-    c = 1.0 / math.sqrt(sigma_data ** 2 + sigma_max ** 2)
+
+def _student_pair(student, noise, labels, c_noise_t, c_noise_t2, c, batched):
+    """Step 2: the student's raw outputs F(c n, c_noise(t)) and F(c n, c_noise(t2)): one
+    forward of batch 2B (``batched``), else two forwards of batch B."""
+    B = noise.shape[0]
     x_in = noise * c
-    cn, cn2 = noise_labels(t).reshape(B), noise_labels(t2).reshape(B)
+    c_noise_t, c_noise_t2 = c_noise_t.reshape(B), c_noise_t2.reshape(B)
     if batched:
         both_labels = None if labels is None else torch.cat([labels, labels])
-        F = student(torch.cat([x_in, x_in]), torch.cat([cn, cn2]), both_labels)
-        if not isinstance(F, torch.Tensor) or F.shape != (2 * B, *noise.shape[1:]):
+        out = student(torch.cat([x_in, x_in]), torch.cat([c_noise_t, c_noise_t2]), both_labels)
+        if not isinstance(out, torch.Tensor) or out.shape != (2 * B, *noise.shape[1:]):
             raise ValueError(f"student output must have shape {(2 * B, *noise.shape[1:])}, got "
-                             f"{tuple(F.shape) if isinstance(F, torch.Tensor) else type(F).__name__}")
-        f_t, f_t2 = F[:B], F[B:]
-    else:
-        f_t, f_t2 = student(x_in, cn, labels), student(x_in, cn2, labels)
-        for name, f in (("f_t", f_t), ("f_t2", f_t2)):
-            if not isinstance(f, torch.Tensor) or f.shape != noise.shape:
-                raise ValueError(f"student output ({name}) must have shape {tuple(noise.shape)}")
+                             f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
+        return out[:B], out[B:]
+    f_t, f_t2 = student(x_in, c_noise_t, labels), student(x_in, c_noise_t2, labels)
+    for name, f in (("f_t", f_t), ("f_t2", f_t2)):
+        if not isinstance(f, torch.Tensor) or f.shape != noise.shape:
+            raise ValueError(f"student output ({name}) must have shape {tuple(noise.shape)}")
+    return f_t, f_t2
 
-    # 3.-4. Teacher at (y, t), y = a n + b F(t): its input c_in y comes from the fused
-    # assemble op in the teacher's dtype, detached (no gradient through the teacher's input).
-    coef = teacher.coefficients(t)
-    a = t / sigma_max
+
+def _teacher_output(teacher, noise, f_t, a, coef, labels, teacher_precision, backend):
+    """Steps 3-4: the teacher's raw output G at (y, t), y = a n + (1 - a) F(t). Its input c_in y
+    comes from the fused assemble op in the teacher's dtype, detached: no gradient through
+    the teacher nor its input."""
     # "bf16": the network's fp32 path under bf16 autocast (also for an fp16 EDM teacher).
     force_fp32 = teacher_precision in ("fp32", "bf16")
-    bf16 = teacher_precision == "bf16"
     # no_grad rather than inference_mode: inference tensors break torch.compile of a whole step.
     with torch.no_grad():
         teacher_in = _teacher_input(noise, f_t.detach(), a, coef.c_in,
                                     _teacher_dtype(teacher, noise, force_fp32), backend)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
-            G = teacher.raw(teacher_in, coef.c_noise, labels, force_fp32=force_fp32)
+        with torch.autocast(noise.device.type, dtype=torch.bfloat16,
+                            enabled=teacher_precision == "bf16"):
+            return teacher.raw(teacher_in, coef.c_noise, labels, force_fp32=force_fp32)
 
-    # 5. Residual and norm in one fused pass (a = t/T, b = 1 - t/T are the ops' defaults).
-    weight = None if weighting is None else weighting(t).reshape(B).to(tdtype)
+
+def _per_sample_loss(noise, f_t, f_t2, teacher_out, t, t2, coef, weight, sigma_max, norm, huber_c,
+                     lpips, backend):
+    """Step 5: residual and norm in one fused pass (a = t/T, b = 1 - t/T are the ops'
+    defaults), or pred/target from the fused residual op and the LPIPS network."""
     common = dict(sigma_max=float(sigma_max), backend=backend, validate=False)
-    if norm == "lpips":
-        pred, target = pid_residual(noise, f_t, f_t2, G, t, t2, coef.c_skip, coef.c_out, **common)
-        per_sample = lpips(pred, target).reshape(B).to(tdtype)
-        if weight is not None:
-            per_sample = per_sample * weight
-    else:
-        per_sample = pid_loss(noise, f_t, f_t2, G, t, t2, coef.c_skip, coef.c_out, norm=norm,
-                              huber_c=huber_c, weight=weight, **common)
-    return (per_sample, t, t2) if return_times else per_sample
+    if norm != "lpips":
+        return pid_loss(noise, f_t, f_t2, teacher_out, t, t2, coef.c_skip, coef.c_out, norm=norm,
+                        huber_c=huber_c, weight=weight, **common)
+    pred, target = pid_residual(noise, f_t, f_t2, teacher_out, t, t2, coef.c_skip, coef.c_out,
+                                **common)
+    per_sample = lpips(pred, target).reshape(noise.shape[0]).to(t.dtype)
+    return per_sample if weight is None else per_sample * weight
 
 
 class PIDLoss(nn.Module):

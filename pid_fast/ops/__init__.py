@@ -9,17 +9,8 @@
     testing.py         random but realistic PID inputs for the tests and benchmarks
 """
 
-from pid_fast.ops.functional import (
-    BACKENDS,
-    NORMS,
-    available_backends,
-    build_info,
-    pid_assemble,
-    pid_loss,
-    pid_residual,
-    resolve_backend,
-    triton_available,
-)
+from pid_fast.ops.backends import BACKENDS, available_backends, build_info, resolve_backend, triton_available
+from pid_fast.ops.functional import NORMS, pid_assemble, pid_loss, pid_residual
 
 __all__ = ["BACKENDS", "NORMS", "available_backends", "build_info", "pid_assemble", "pid_loss",
            "pid_residual", "resolve_backend", "triton_available"]

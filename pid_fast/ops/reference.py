@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import torch
 
-NORMS = ("l2", "l1", "huber")
+from pid_fast.checks import FUSED_NORMS
+
+NORMS = tuple(FUSED_NORMS)
 
 
 def _rows(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

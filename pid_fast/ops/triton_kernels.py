@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from pid_fast.ops import functional as _ops
+from pid_fast.ops import library
 
 NS = "pid_fast_triton"
 
@@ -192,7 +192,7 @@ def _streams(op, named):
     if D == 0:
         raise ValueError(f"{op}: {ref_name} must have at least one element per sample")
     # Keep a shared dense row-contiguous layout (outputs get it too), else go contiguous.
-    if not _ops.shared_row_layout(tensors):
+    if not library.shared_row_layout(tensors):
         tensors = [x.contiguous() for x in tensors]
     return tensors, B, D
 
@@ -229,8 +229,8 @@ def assemble(noise: T, f: T, a: T, b: T, c_in: T,
     (noise, f), B, D = _streams("assemble", [("noise", noise), ("f", f)])
     a, b, c_in = (_coef("assemble", n, v, B, noise.device)
                   for n, v in (("a", a), ("b", b), ("c_in", c_in)))
-    x = _ops.rows_like([noise, f], noise.dtype)
-    x_in = _ops.rows_like([noise, f], out_dtype or noise.dtype)
+    x = library.rows_like([noise, f], noise.dtype)
+    x_in = library.rows_like([noise, f], out_dtype or noise.dtype)
     if B > 0:
         _launch(_assemble_kernel)[(B, triton.cdiv(D, _BLOCK))](
             noise, f, a, b, c_in, x, x_in, D, BLOCK=_BLOCK)
@@ -243,8 +243,8 @@ def residual(noise: T, f_t: T, f_t2: T, teacher_out: T, t: T, t2: T, a1: OptT, b
     streams, B, D = _streams("residual", [("noise", noise), ("f_t", f_t), ("f_t2", f_t2),
                                           ("teacher_out", teacher_out)])
     coefs, has_ab = _pid_coefs("residual", B, noise.device, t, t2, a1, b1, a2, b2, c_skip, c_out)
-    pred = _ops.rows_like(streams, streams[0].dtype)
-    target = _ops.rows_like(streams, streams[0].dtype)
+    pred = library.rows_like(streams, streams[0].dtype)
+    target = library.rows_like(streams, streams[0].dtype)
     if B > 0:
         _launch(_residual_kernel)[(B, triton.cdiv(D, _BLOCK))](
             *streams, pred, target, *coefs, sigma_max, D, HAS_AB=has_ab, BLOCK=_BLOCK)
@@ -267,7 +267,7 @@ def loss(noise: T, f_t: T, f_t2: T, teacher_out: T, t: T, t2: T, a1: OptT, b1: O
     out = torch.empty((B,), dtype=torch.float32, device=dev)
     scale = torch.empty((B if need_grad else 0,), dtype=torch.float32, device=dev)
     if need_grad:
-        d1, d2 = _ops.rows_like(streams, noise.dtype), _ops.rows_like(streams, noise.dtype)
+        d1, d2 = library.rows_like(streams, noise.dtype), library.rows_like(streams, noise.dtype)
     else:
         d1, d2 = noise.new_empty((0,)), noise.new_empty((0,))
     if B > 0:
@@ -288,7 +288,7 @@ def scale_rows(x: T, s1: T, s2: OptT = None) -> T:
     (x,), B, D = _streams("scale_rows", [("x", x)])
     s1 = _coef("scale_rows", "s1", s1, B, x.device)
     s2 = _coef("scale_rows", "s2", s2, B, x.device)
-    out = _ops.rows_like([x], x.dtype)
+    out = library.rows_like([x], x.dtype)
     if B > 0:
         _launch(_scale_rows_kernel)[(B, triton.cdiv(D, _BLOCK))](
             x, s1, s2 if s2 is not None else s1, out, D, HAS_S2=s2 is not None, BLOCK=_BLOCK)
@@ -297,5 +297,5 @@ def scale_rows(x: T, s1: T, s2: OptT = None) -> T:
 
 # Explicit fake kernels (rather than tracing the launchers) also let FakeTensor tracing work
 # under TRITON_INTERPRET=1, where the interpreter would touch the fake tensors' memory.
-_ops.register_fakes(NS)
-_ops.register_autograd(NS)
+library.register_fakes(NS)
+library.register_autograd(NS)

@@ -182,7 +182,7 @@ def test_group_norm_keeps_the_autocast_dtype(monkeypatch):
     """Under autocast the norms run in the autocast dtype with autocast off (CUDA autocast would
     upcast them to fp32 activations), outside it in the input's dtype; the network's output
     under bf16 autocast stays within bf16 rounding of fp32."""
-    from pid_fast.models import networks
+    from pid_fast.models import layers
 
     calls = []
     real = F.group_norm
@@ -191,7 +191,7 @@ def test_group_norm_keeps_the_autocast_dtype(monkeypatch):
         calls.append((x.dtype, torch.is_autocast_enabled("cpu")))
         return real(x, *args, **kwargs)
 
-    monkeypatch.setattr(networks.F, "group_norm", recording)
+    monkeypatch.setattr(layers.F, "group_norm", recording)
     net = randomize_(build_network(network_config("tiny-ddpmpp"))).eval()
     x, noise = torch.randn(2, 3, 8, 8), torch.randn(2)
     with torch.no_grad():
