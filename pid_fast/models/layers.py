@@ -140,7 +140,7 @@ class GroupNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         device = x.device.type
-        if torch.is_autocast_enabled(device):
+        if device != "meta" and torch.is_autocast_enabled(device):  # (meta: shape tracing)
             # CUDA autocast runs group_norm in fp32 and returns fp32 activations, so every
             # norm + SiLU would move fp32 tensors plus casts. The kernel accumulates its
             # statistics in fp32 for bf16/fp16 inputs anyway: keep the autocast dtype.

@@ -1,0 +1,107 @@
+"""Estimate the per-GPU memory of one PID training step, without a GPU.
+
+Everything runs on the ``meta`` device (shapes only, no memory, no compute): the student's
+forward of batch 2 x microbatch records every tensor autograd saves for the backward pass
+(``torch.autograd.graph.saved_tensors_hooks``), the LPIPS network (VGG16 at 224 x 224, with
+gradient to its input) likewise, and the persistent state is counted from the parameter
+counts: student weights + gradients + optimizer state (RAdam/Adam: 2 tensors per weight) +
+one copy per EMA rate, the teacher's weights (and LPIPS's). The teacher's own activations
+run under no_grad and are freed layer by layer, so they are not counted; neither are the
+CUDA context (~0.5 GiB), allocator fragmentation and cuDNN workspaces: add ~10-20%.
+
+    python benchmarks/step_memory.py --network cifar10-ddpmpp --microbatch 64 --lpips
+    python benchmarks/step_memory.py --network imagenet64-adm --microbatch 32 --lpips --label-dim 1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from pid_fast.models.networks import build_network, count_parameters, network_config
+
+GIB = 1024 ** 3
+
+
+def _saved_bytes(run) -> int:
+    """Bytes of the distinct tensors autograd saves while ``run()`` builds its graph."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        storage = t.untyped_storage()  # tensors saved twice (views, or by two ops) count once
+        seen[storage._cdata] = max(seen.get(storage._cdata, 0), storage.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run()
+    return sum(seen.values())
+
+
+def _activation_dtype(precision: str) -> torch.dtype:
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def student_activations(net_cfg: dict, microbatch: int, precision: str) -> int:
+    net = build_network(net_cfg, device="meta").requires_grad_(True)
+    res, ch = int(net_cfg["img_resolution"]), int(net_cfg["in_channels"])
+    dtype = _activation_dtype(precision)
+    label_dim = int(net_cfg.get("label_dim", 0))
+    x = torch.empty(2 * microbatch, ch, res, res, device="meta", dtype=dtype)
+    c_noise = torch.empty(2 * microbatch, device="meta", dtype=dtype)
+    labels = torch.empty(2 * microbatch, label_dim, device="meta", dtype=dtype) if label_dim else None
+    if dtype != torch.float32:  # the weights stay fp32 (master copy); layers cast them
+        return _saved_bytes(lambda: net(x, c_noise, labels)) + 2 * count_parameters(net)
+    return _saved_bytes(lambda: net(x, c_noise, labels))
+
+
+def lpips_activations(microbatch: int, resize: int = 224) -> tuple[int, int]:
+    """(saved bytes, parameter count) of VGG16's feature trunk on (pred, target) at ``resize``
+    with gradient to pred (the target branch runs without gradient)."""
+    from torchvision.models import vgg16
+
+    features = vgg16().features.to("meta").requires_grad_(False)
+    pred = torch.empty(microbatch, 3, resize, resize, device="meta", requires_grad=True)
+    return _saved_bytes(lambda: features(pred)), sum(p.numel() for p in features.parameters())
+
+
+def estimate(network: str, microbatch: int, precision: str, lpips: bool, ema_rates: int,
+             label_dim: int | None) -> dict:
+    net_cfg = network_config(network) if label_dim is None else network_config(network, label_dim=label_dim)
+    params = count_parameters(build_network(net_cfg, device="meta"))
+    weight_bytes = 4 * params  # fp32 master weights
+    persistent = {
+        "student weights": weight_bytes,
+        "student gradients": weight_bytes,
+        "optimizer state (2 per weight)": 2 * weight_bytes,
+        f"EMA copies ({ema_rates})": ema_rates * weight_bytes,
+        "teacher weights": weight_bytes,
+    }
+    activations = {"student (batch 2 x %d)" % microbatch: student_activations(net_cfg, microbatch, precision)}
+    if lpips:
+        saved, lpips_params = lpips_activations(microbatch)
+        activations["LPIPS VGG16 at 224 (batch %d)" % microbatch] = saved
+        persistent["LPIPS weights"] = 4 * lpips_params
+    total = sum(persistent.values()) + sum(activations.values())
+    return {"network": network, "parameters": params, "microbatch": microbatch, "precision": precision,
+            "persistent_gib": {k: v / GIB for k, v in persistent.items()},
+            "activations_gib": {k: v / GIB for k, v in activations.items()},
+            "total_gib": total / GIB}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--network", default="cifar10-ddpmpp")
+    p.add_argument("--microbatch", type=int, default=64, help="samples per accumulation round and GPU")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
+    p.add_argument("--lpips", action="store_true", help="count the LPIPS norm's VGG16")
+    p.add_argument("--ema-rates", type=int, default=3)
+    p.add_argument("--label-dim", type=int, default=None)
+    args = p.parse_args()
+    out = estimate(args.network, args.microbatch, args.precision, args.lpips, args.ema_rates, args.label_dim)
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
