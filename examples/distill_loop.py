@@ -8,7 +8,7 @@ from pid_fast.models.networks import build_network
 from pid_fast.models.preconditioning import EDMPrecond
 
 torch.manual_seed(0)
-teacher = EDMPrecond(build_network("tiny-ddpmpp"))  # your trained teacher (e.g. edm_checkpoint.load_teacher)
+teacher = EDMPrecond(build_network("tiny-ddpmpp"))  # your trained teacher (e.g. pid_fast.io.load_teacher(path))
 student = copy.deepcopy(teacher.model).train().requires_grad_(True)  # PID starts from the teacher's weights
 pid = PIDLoss(teacher, N=250, norm="l2")  # freezes the teacher
 opt = torch.optim.RAdam(student.parameters(), lr=2e-4)

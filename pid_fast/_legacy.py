@@ -18,6 +18,7 @@ import warnings
 MOVED = {
     "pid_fast.training": "pid_fast.train",
     "pid_fast.edm_checkpoint": "pid_fast.io",
+    "pid_fast.io.edm_checkpoint": "pid_fast.io",
     "pid_fast.networks": "pid_fast.models.networks",
     "pid_fast.preconditioning": "pid_fast.models.preconditioning",
     "pid_fast.analytic": "pid_fast.models.analytic",

@@ -14,16 +14,22 @@ import click
 @click.option("--expect", default=None, metavar="NAME",
               help="Check the weights against a named network config (e.g. cifar10-ddpmpp).")
 @click.option("--overwrite", is_flag=True, help="Replace DESTINATION if it exists.")
-def convert(source: str, destination: str, key: str, expect: str | None, overwrite: bool) -> None:
+@click.option("--allow-unknown-source", is_flag=True,
+              help="Accept a snapshot whose embedded network source is not a released EDM version "
+                   "(its hash is recorded in DESTINATION's metadata).")
+def convert(source: str, destination: str, key: str, expect: str | None, overwrite: bool,
+            allow_unknown_source: bool) -> None:
     """Convert an EDM network-snapshot .pkl to a pid_fast safetensors file.
 
     The pickle is read by an allow-listing unpickler: the Python source embedded in the
     file is never executed, and a file that references anything else is refused.
     The output holds the raw network weights (no 'model.' prefix, no map_augment) and the
     architecture/preconditioning config as JSON metadata ('pid_fast.config').
+    A network whose embedded source is not one of the released EDM versions is refused
+    unless --allow-unknown-source is given.
     """
-    from pid_fast.io.edm_checkpoint import (CheckpointFormatError, ConfigMismatchError, UnsafeCheckpointError,
-                                         convert as convert_checkpoint)
+    from pid_fast.io import (CheckpointFormatError, ConfigMismatchError, UnknownSourceError, UnsafeCheckpointError,
+                             convert as convert_checkpoint)
     from pid_fast.models.networks import NETWORK_CONFIGS
 
     if expect is not None and expect not in NETWORK_CONFIGS:
@@ -32,10 +38,11 @@ def convert(source: str, destination: str, key: str, expect: str | None, overwri
     if os.path.exists(destination) and not overwrite:
         raise click.UsageError(f"{destination} exists; pass --overwrite to replace it")
     try:
-        ckpt = convert_checkpoint(source, destination, key=key, expect=expect)
+        ckpt = convert_checkpoint(source, destination, key=key, expect=expect,
+                                  allow_unknown_source=allow_unknown_source)
     except UnsafeCheckpointError as exc:
         raise click.ClickException(f"unsafe checkpoint: {exc}") from None
-    except (CheckpointFormatError, ConfigMismatchError) as exc:
+    except (CheckpointFormatError, ConfigMismatchError, UnknownSourceError) as exc:
         raise click.ClickException(str(exc)) from None
     network = ckpt.config["network"]
     params = sum(v.numel() for v in ckpt.state_dict.values())
@@ -43,6 +50,9 @@ def convert(source: str, destination: str, key: str, expect: str | None, overwri
     click.echo(f"  {network['model_type']} with {ckpt.config['precond']} preconditioning, "
                f"{len(ckpt.state_dict)} tensors, {params:,} values"
                + (f", dropped {len(ckpt.dropped_keys)} map_augment tensor(s)" if ckpt.dropped_keys else ""))
+    for accepted in ckpt.unknown_sources:
+        click.echo(f"  accepted an unknown network source for {accepted['object']} ({accepted['class_name']}): "
+                   f"sha256 {accepted['module_src_sha256']} (recorded in the output's metadata)")
 
 
 def register(group: click.Group) -> None:

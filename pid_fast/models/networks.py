@@ -4,7 +4,7 @@ U-Nets in unets.py (re-exported here).
 
 The modules below are an independent implementation whose parameter and buffer names,
 shapes and registration rules follow NVlabs/edm `training/networks.py`, so that the
-state_dict of an EDM checkpoint (after `pid_fast.io.edm_checkpoint` strips the `model.`
+state_dict of an EDM checkpoint (after `pid_fast.io` strips the `model.`
 prefix and drops the `map_augment` keys) loads with `strict=True`.
 
 A network is the raw function F(x_in, c_noise, class_labels) of a diffusion model; the

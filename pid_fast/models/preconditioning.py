@@ -368,7 +368,7 @@ def as_denoiser(obj: Any, *, precond: str | None = None, label_dim: int = 0, **p
 def build_denoiser(config: Mapping[str, Any], device: torch.device | str | None = None) -> Preconditioning:
     """A preconditioned network from a teacher config
     {'precond': 'edm'|'vp'|'ve', 'use_fp16': ..., <precond kwargs>, 'network': {network config}},
-    the format written by `pid_fast.io.edm_checkpoint`. Weights are freshly initialised."""
+    the format written by `pid_fast.io`. Weights are freshly initialised."""
     from pid_fast.models.networks import build_network
 
     if not isinstance(config, Mapping):

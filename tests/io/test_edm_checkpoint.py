@@ -1,142 +1,40 @@
 """The safe EDM checkpoint importer, safetensors conversion, the `convert` command and
 student initialisation.
 
-The EDM pickles are built here, without EDM's code: every pid_fast module pickles as the
-call torch_utils.persistence._reconstruct_persistent_obj(meta) with
-meta = {type: 'class', version, module_src, class_name, state}, exactly EDM's layout.
-The embedded module_src would create a marker file (and raise) if it were ever executed.
+The EDM pickles are built by tests/io/edm_fakes.py, without EDM's code, in EDM's layout; the
+module_src they embed would create a marker file (and raise) if it were ever executed.
 """
 
-import collections
-import io
 import json
 import os
 import pickle
 import re
 import subprocess
 import sys
-import types
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from edm_fakes import Evil as _Evil
+from edm_fakes import FakeEDMModules as _FakeEDMModules
+from edm_fakes import edm_snapshot, make_teacher, randomize_
 
-from pid_fast.io import edm_checkpoint as ec
+from pid_fast import io as ec
 from pid_fast.cli import main
-from pid_fast.io.edm_checkpoint import (CheckpointFormatError, ConfigMismatchError, UnsafeCheckpointError,
-                                     check_network_config, infer_network_config, init_student_from_teacher,
-                                     load_checkpoint, load_edm_pickle, load_teacher, read_edm_checkpoint,
-                                     save_checkpoint, student_from_teacher)
-from pid_fast.models.networks import Linear, build_network, network_config
+from pid_fast.io import edm_pickle
+from pid_fast.io import (CheckpointFormatError, ConfigMismatchError, UnsafeCheckpointError,
+                         check_network_config, infer_network_config, init_student_from_teacher,
+                         load_checkpoint, load_edm_pickle, load_teacher, read_edm_checkpoint,
+                         save_checkpoint, student_from_teacher)
+from pid_fast.models.networks import build_network, network_config
 from pid_fast.models.preconditioning import EDMPrecond, VEPrecond, VPPrecond
-
-
-def randomize_(net, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
-    return net
-
-
-@pytest.fixture
-def marker(tmp_path):
-    """A path that only malicious code would create."""
-    return tmp_path / "executed.txt"
-
-
-def _hostile_source(marker) -> str:
-    return (f"open({str(marker)!r}, 'w').write('module_src was executed')\n"
-            "raise RuntimeError('EDM module source must never be executed')\n")
-
-
-class _FakeEDMModules:
-    """Registers stand-in `torch_utils.persistence` modules while pickling (pickle saves
-    functions by reference and checks they can be found); their hook records calls."""
-
-    def __init__(self):
-        self.calls = []
-        self.pkg = types.ModuleType("torch_utils")
-        self.mod = types.ModuleType("torch_utils.persistence")
-
-        def _reconstruct_persistent_obj(meta):
-            self.calls.append(meta)
-            raise RuntimeError("the real persistence hook must never be called")
-
-        _reconstruct_persistent_obj.__module__ = "torch_utils.persistence"
-        _reconstruct_persistent_obj.__qualname__ = "_reconstruct_persistent_obj"
-        self.hook = _reconstruct_persistent_obj
-        self.mod._reconstruct_persistent_obj = _reconstruct_persistent_obj
-        self.pkg.persistence = self.mod
-
-    def __enter__(self):
-        sys.modules["torch_utils"], sys.modules["torch_utils.persistence"] = self.pkg, self.mod
-        return self
-
-    def __exit__(self, *exc):
-        del sys.modules["torch_utils"], sys.modules["torch_utils.persistence"]
-        return False
-
-
-class _EDMPickler(pickle.Pickler):
-    """Pickles pid_fast modules the way EDM's persistent classes do (see module docstring)."""
-
-    def __init__(self, file, protocol, hook, module_src, extra_state, rename):
-        super().__init__(file, protocol=protocol)
-        self.hook, self.module_src, self.extra_state, self.rename = hook, module_src, extra_state, rename
-
-    def reducer_override(self, obj):
-        if isinstance(obj, torch.nn.Module) and type(obj).__module__.startswith("pid_fast."):
-            state = dict(obj.__dict__)
-            state.update(self.extra_state.get(id(obj), {}))
-            meta = dict(type="class", version=6, module_src=self.module_src,
-                        class_name=self.rename.get(id(obj), type(obj).__name__), state=state)
-            return self.hook, (meta,)
-        return NotImplemented
-
-
-def edm_snapshot(precond, network_cfg, marker, *, protocol=4, record_init_args=True, augment_dim=9,
-                 extra_state=None, rename=None):
-    """Bytes of an EDM network-snapshot pickle holding `precond` as 'ema'."""
-    model = precond.model
-    extra = collections.defaultdict(dict)
-    net_kwargs = {k: (list(v) if isinstance(v, tuple) else v) for k, v in network_cfg.items() if k != "model_type"}
-    if augment_dim:
-        # EDM's CIFAR-10 networks carry map_augment (augmentation labels); the importer drops it.
-        aug = Linear(augment_dim, model.map_layer0.in_features, bias=False)
-        modules = collections.OrderedDict(model._modules)
-        modules["map_augment"] = aug
-        extra[id(model)]["_modules"] = modules
-        net_kwargs["augment_dim"] = augment_dim
-    if record_init_args:
-        extra[id(model)].update(_init_args=(), _init_kwargs=net_kwargs)
-        extra[id(precond)].update(_init_args=(), _init_kwargs=dict(img_resolution=network_cfg["img_resolution"]))
-    # EDM's SongUNet passes skip_scale=np.sqrt(0.5): numpy scalars occur in real snapshots.
-    first_block = next(m for m in model.modules() if type(m).__name__ == "UNetBlock")
-    extra[id(first_block)]["skip_scale"] = np.sqrt(np.float64(0.5))
-    for key, value in (extra_state or {}).items():
-        extra[key].update(value)
-    buf = io.BytesIO()
-    with _FakeEDMModules() as fake:
-        data = dict(ema=precond, loss_fn=None, augment_pipe=None,
-                    dataset_kwargs=dict(path="cifar10-32x32.zip", use_labels=False, xflip=False))
-        _EDMPickler(buf, protocol, fake.hook, _hostile_source(marker), extra, rename or {}).dump(data)
-    assert fake.calls == []
-    return buf.getvalue()
-
 
 CASES = [  # (network config, preconditioning class, its kwargs)
     ("tiny-ddpmpp", EDMPrecond, dict(sigma_data=0.5)),
     ("tiny-ncsnpp", VPPrecond, dict()),
     ("tiny-adm", VEPrecond, dict(sigma_max=50.0)),
 ]
-
-
-def make_teacher(name, cls, kwargs, seed=0):
-    cfg = network_config(name)
-    net = randomize_(build_network(cfg), seed).eval()
-    return cls(net, label_dim=cfg["label_dim"], **kwargs), cfg
 
 
 # ----------------------------------------------------------------------------------------
@@ -262,14 +160,6 @@ def test_check_network_config_names_the_differences():
 # ----------------------------------------------------------------------------------------
 # Malicious pickles: refused, nothing executed.
 
-class _Evil:
-    def __init__(self, fn, *args):
-        self.fn, self.args = fn, args
-
-    def __reduce__(self):
-        return self.fn, self.args
-
-
 def _evil_payloads(marker):
     touch = f"open({str(marker)!r}, 'w').write('pwned')"
     return [
@@ -334,14 +224,14 @@ def test_allowed_callables_validate_their_arguments():
 def test_build_opcode_cannot_alter_the_readers_own_objects(target):
     # GLOBAL <target>; BUILD (None, {'__defaults__': (1,)}) would setattr on what find_class
     # returned; the reader hands out fresh handles, so nothing shared can change.
-    before = (ec._rebuild_tensor_v2.__defaults__, ec._load_from_bytes.__defaults__)
+    before = (edm_pickle._rebuild_tensor_v2.__defaults__, edm_pickle._load_from_bytes.__defaults__)
     payload = b"\x80\x04c" + target + b"N}X\x0c\x00\x00\x00__defaults__K\x01\x85s\x86b."
     try:
         load_edm_pickle(payload)
     except CheckpointFormatError:
         pass
-    assert (ec._rebuild_tensor_v2.__defaults__, ec._load_from_bytes.__defaults__) == before
-    assert not hasattr(ec.ModuleStub, "__defaults__") and not hasattr(ec._EasyDictStub, "__defaults__")
+    assert (edm_pickle._rebuild_tensor_v2.__defaults__, edm_pickle._load_from_bytes.__defaults__) == before
+    assert not hasattr(ec.ModuleStub, "__defaults__") and not hasattr(edm_pickle._EasyDictStub, "__defaults__")
 
 
 def test_torch_load_is_only_used_with_weights_only(monkeypatch, marker):

@@ -1,0 +1,146 @@
+"""Teachers from files: EDM snapshots read safely (`read_edm_checkpoint`), their conversion
+to pid_fast's safetensors format (`convert`), and the one teacher loader that the trainer,
+the CLI and the demo use (`load_teacher_with_config` / `load_teacher`)."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+from typing import IO, Any, Mapping, NamedTuple
+
+import torch
+from torch import nn
+
+from pid_fast.io.edm_config import (_PRECOND_FIELDS, _PRECOND_NAMES, _json_float, _plain, check_expected_config,
+                                    check_network_config, network_config_from_pickle)
+from pid_fast.io.edm_pickle import PersistentObject, convert_edm_state_dict, load_edm_pickle, module_state_dict
+from pid_fast.io.edm_sources import check_sources
+from pid_fast.io.errors import CheckpointFormatError, ConfigMismatchError
+from pid_fast.io.safetensors_io import UNKNOWN_SOURCE_METADATA_KEY, load_checkpoint, save_checkpoint
+
+__all__ = ["EDMCheckpoint", "read_edm_checkpoint", "convert", "load_teacher_with_config", "load_teacher"]
+
+
+class EDMCheckpoint(NamedTuple):
+    """A converted EDM snapshot: the raw network state_dict (no `model.` prefix, no
+    map_augment), the teacher config {'precond', <precond kwargs>, 'use_fp16', 'network'},
+    the dropped map_augment keys, and the unknown network sources the caller accepted
+    (records {'object', 'class_name', 'module_src_sha256'}; empty for released EDM code)."""
+    state_dict: "collections.OrderedDict[str, torch.Tensor]"
+    config: dict[str, Any]
+    dropped_keys: tuple[str, ...]
+    unknown_sources: tuple[dict[str, str], ...] = ()
+
+
+def _select_network(top: Any, key: str) -> PersistentObject:
+    net = top
+    if isinstance(top, dict):
+        if key not in top:
+            raise CheckpointFormatError(f"the pickle has no {key!r} entry (entries: {sorted(map(str, top))})")
+        net = top[key]
+    if not isinstance(net, PersistentObject):
+        raise CheckpointFormatError(f"entry {key!r} is a {type(net).__name__}, not an EDM persistent network")
+    if net.class_name not in _PRECOND_NAMES:
+        raise CheckpointFormatError(f"entry {key!r} is a {net.class_name}; supported preconditionings: "
+                                    f"{sorted(_PRECOND_NAMES)}")
+    return net
+
+
+def _teacher_config(net: PersistentObject, network: dict[str, Any]) -> dict[str, Any]:
+    # {'precond', 'use_fp16', <the preconditioning's recorded fields>, 'network'}.
+    precond = _PRECOND_NAMES[net.class_name]
+    config: dict[str, Any] = {"precond": precond, "use_fp16": bool(net.state.get("use_fp16", False))}
+    for field in _PRECOND_FIELDS[precond]:
+        if field in net.state:
+            config[field] = _json_float(_plain(net.state[field], f"{net.class_name}.{field}"))
+    config = {k: v for k, v in config.items() if v is not None}  # unbounded sigma_max -> default
+    label_dim = net.state.get("label_dim", network.get("label_dim", 0))
+    if label_dim != network.get("label_dim", 0):
+        raise ConfigMismatchError(f"{net.class_name}.label_dim={label_dim!r} but the network has "
+                                  f"label_dim={network.get('label_dim')!r}")
+    config["network"] = network
+    return config
+
+
+def read_edm_checkpoint(source: str | os.PathLike | bytes | IO[bytes], key: str = "ema",
+                        expect: str | Mapping[str, Any] | None = None, *,
+                        allow_unknown_source: bool = False) -> EDMCheckpoint:
+    """Safely read an EDM `.pkl` and return its `key` network (default the EMA weights).
+
+    `expect` (a NETWORK_CONFIGS name or a network config) is checked against the weights
+    and raises ConfigMismatchError naming the differing fields. A network whose embedded
+    source is not a released EDM version raises UnknownSourceError unless
+    `allow_unknown_source` (see pid_fast.io.edm_sources)."""
+    net = _select_network(load_edm_pickle(source), key)
+    accepted = check_sources(net, key, allow_unknown_source)
+    full = module_state_dict(net)
+    dropped = tuple(k for k in full if "map_augment" in k)
+    state_dict = convert_edm_state_dict(full)
+    model_obj = net.state.get("_modules", {}).get("model")
+    if not isinstance(model_obj, PersistentObject):
+        raise CheckpointFormatError(f"{net.class_name} has no persistent 'model' submodule")
+    network = network_config_from_pickle(model_obj, state_dict)
+    check_network_config(network, state_dict)
+    config = _teacher_config(net, network)
+    if expect is not None:
+        check_expected_config(expect, network)
+    return EDMCheckpoint(state_dict, config, dropped, tuple(accepted))
+
+
+def convert(source: str | os.PathLike, destination: str | os.PathLike, key: str = "ema",
+            expect: str | Mapping[str, Any] | None = None, *, allow_unknown_source: bool = False) -> EDMCheckpoint:
+    """EDM .pkl -> pid_fast safetensors (what `pid-fast convert` runs). An accepted unknown
+    network source is recorded under the file's 'pid_fast.unknown_source_accepted' metadata."""
+    ckpt = read_edm_checkpoint(source, key=key, expect=expect, allow_unknown_source=allow_unknown_source)
+    extra = {UNKNOWN_SOURCE_METADATA_KEY: json.dumps(list(ckpt.unknown_sources))} if ckpt.unknown_sources else None
+    save_checkpoint(destination, ckpt.state_dict, ckpt.config, extra_metadata=extra)
+    return ckpt
+
+
+def _is_pickle(path: str) -> bool:
+    # EDM snapshots are pickles (first byte PROTO, 0x80); safetensors files start with an
+    # 8-byte header length followed by '{'. Anything else goes by its file extension.
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head[:1] == b"\x80":
+        return True
+    if len(head) == 9 and head[8:9] == b"{":
+        return False
+    return path.endswith(".pkl")
+
+
+def load_teacher_with_config(path: str | os.PathLike, *, key: str = "ema", device: str | torch.device = "cpu",
+                             allow_unknown_source: bool = False,
+                             name: str = "teacher") -> tuple[nn.Module, dict[str, Any]]:
+    """(frozen eval-mode preconditioned teacher on `device`, its teacher config) from an EDM
+    snapshot .pkl (its `key` entry, read safely) or a file written by `pid-fast convert`.
+
+    The weights are checked against the config and loaded strictly. `name` is how error
+    messages call the path (e.g. 'teacher.path')."""
+    from pid_fast.models.preconditioning import build_denoiser
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{name}: no such file: {path!r} (it must be an EDM .pkl or a file written by "
+                                f"`pid-fast convert`)")
+    if _is_pickle(path):
+        ckpt = read_edm_checkpoint(path, key=key, allow_unknown_source=allow_unknown_source)
+        state_dict, config = ckpt.state_dict, ckpt.config
+    else:
+        state_dict, config = load_checkpoint(path)
+    if not isinstance(config.get("network"), Mapping):
+        raise CheckpointFormatError(f"{path}: its config has no 'network' entry")
+    check_network_config(config["network"], state_dict)
+    try:
+        teacher = build_denoiser(config, device="meta")
+    except ValueError as exc:
+        raise CheckpointFormatError(f"{path}: invalid teacher config: {exc}") from None
+    teacher.model.load_state_dict(state_dict, strict=True, assign=True)
+    return teacher.to(device).eval().requires_grad_(False), config
+
+
+def load_teacher(path: str | os.PathLike, device: str | torch.device = "cpu", *, key: str = "ema") -> nn.Module:
+    """A frozen, eval-mode preconditioned teacher from an EDM .pkl or a converted safetensors
+    file (see load_teacher_with_config)."""
+    return load_teacher_with_config(path, key=key, device=device)[0]
