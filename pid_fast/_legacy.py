@@ -14,7 +14,7 @@ import sys
 import types
 import warnings
 
-# old module -> new module
+# old module -> new module (or modules, searched in order)
 MOVED = {
     "pid_fast.training": "pid_fast.train",
     "pid_fast.edm_checkpoint": "pid_fast.io",
@@ -30,36 +30,45 @@ MOVED = {
     "pid_fast.lpips_norm": "pid_fast.eval.lpips",
     "pid_fast.digits": "pid_fast.demo.digits",
     "pid_fast.train_cli": "pid_fast.cli.distill",
-    "pid_fast.eval_cli": "pid_fast.cli.evaluate",
+    "pid_fast.eval_cli": ("pid_fast.cli.evaluate", "pid_fast.cli.demo"),
 }
 
 
+def _targets(name: str) -> tuple[str, ...]:
+    target = MOVED[name]
+    return (target,) if isinstance(target, str) else tuple(target)
+
+
 class _Forwarder(types.ModuleType):
-    """A module whose attributes are those of ``target`` (read through, never copied)."""
+    """A module whose attributes are those of its new module(s) (read through, never copied)."""
 
-    def __init__(self, name: str, target: str):
-        super().__init__(name, f"Moved to {target}; this name is kept for one release.")
-        self.__dict__["_target"] = target
+    def __init__(self, name: str):
+        super().__init__(name, f"Moved to {', '.join(_targets(name))}; this name is kept for one release.")
 
-    def _module(self) -> types.ModuleType:
-        return importlib.import_module(self.__dict__["_target"])
+    def _modules(self) -> list[types.ModuleType]:
+        return [importlib.import_module(t) for t in _targets(self.__name__)]
 
     def __getattr__(self, attr: str):
-        return getattr(self._module(), attr)
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        for module in self._modules():
+            if hasattr(module, attr):
+                return getattr(module, attr)
+        raise AttributeError(f"module {self.__name__!r} (moved to {', '.join(_targets(self.__name__))}) "
+                             f"has no attribute {attr!r}")
 
     def __dir__(self):
-        return dir(self._module())
+        return sorted({a for m in self._modules() for a in dir(m)})
 
 
 class _Loader(importlib.abc.Loader):
     def create_module(self, spec):
-        target = MOVED[spec.name]
-        warnings.warn(f"{spec.name} moved to {target}; the old name will be removed in the next "
-                      f"release", DeprecationWarning, stacklevel=3)
-        return _Forwarder(spec.name, target)
+        warnings.warn(f"{spec.name} moved to {', '.join(_targets(spec.name))}; the old name will be "
+                      f"removed in the next release", DeprecationWarning, stacklevel=3)
+        return _Forwarder(spec.name)
 
     def exec_module(self, module) -> None:
-        module._module()  # import the new module now: an error shows at the import statement
+        module._modules()  # import the new modules now: an error shows at the import statement
 
 
 class _Finder(importlib.abc.MetaPathFinder):
