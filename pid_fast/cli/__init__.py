@@ -1,6 +1,16 @@
-"""Command line interface: `pid-fast <command>`.
+"""Command line interface: `pid-fast <command>` (entry point ``pid_fast.cli:main``;
+``python -m pid_fast.cli`` runs the same group).
 
-`main` is a plain click group; commands register themselves with `@main.command()`.
+- ``__init__.py``: ``main``, the click group; each command module attaches its commands;
+- ``__main__.py``: ``python -m pid_fast.cli`` (e.g. under torchrun);
+- ``distill.py``: ``distill`` (PID training) and ``sample`` (one-step samples of a checkpoint);
+- ``evaluate.py``: ``fid`` (FD / KID of images, a checkpoint, or every checkpoint of a run);
+- ``demo.py``: ``demo`` (the offline digits demo), ``train-teacher`` and ``train-features``
+  (the demo's bundled files);
+- ``convert.py``: ``convert`` (an EDM .pkl to a pid_fast safetensors file);
+- ``common.py``: helpers several commands share (device, threads, overwrite check, the
+  command line recorded in a file);
+- ``requirements.py``: ``require``: a command's optional packages, checked before any work.
 """
 
 from __future__ import annotations
@@ -16,11 +26,12 @@ def main() -> None:
 
 
 def _register_commands() -> None:
-    from pid_fast.cli import convert, distill, evaluate
+    from pid_fast.cli import convert, demo, distill, evaluate
 
     convert.register(main)  # convert
     distill.register(main)  # distill, sample
-    evaluate.register(main)  # train-teacher, train-features, fid, demo
+    evaluate.register(main)  # fid
+    demo.register(main)  # demo, train-teacher, train-features
 
 
 _register_commands()

@@ -1,7 +1,6 @@
-"""`pid-fast distill` and `pid-fast sample`: click commands around pid_fast.train.trainer.
-
-They are plain click commands; ``register(group)`` attaches them to a click group (the
-`pid-fast` group of pid_fast/cli.py).
+"""`pid-fast distill` and `pid-fast sample`: click commands around pid_fast.train.
+``register(group)`` attaches them to a click group (the `pid-fast` group of
+pid_fast/cli/__init__.py).
 
     pid-fast distill --config configs/tiny-cpu.json --run-dir runs/tiny --total-steps 200
     torchrun --nproc_per_node 8 -m pid_fast.cli distill --config configs/cifar10-uncond.json --run-dir runs/c10
@@ -12,20 +11,68 @@ They are plain click commands; ``register(group)`` attaches them to a click grou
 from __future__ import annotations
 
 import os
+import pickle
 
 import click
 
+from pid_fast.cli.requirements import require
+
 __all__ = ["distill", "sample", "register"]
+
+# What a missing or unreadable file (teacher, LPIPS weights, checkpoint) or a bad value raises
+# before training starts; a command turns them into one `Error: ...` line.
+_FILE_ERRORS = (FileNotFoundError, ValueError, pickle.UnpicklingError)
 
 
 def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def _resolve(config_path, overrides, named) -> dict:
+    """The validated config: the file, then the --set overrides, then the named options."""
+    from pid_fast.train import apply_overrides, load_config, resolve_config
+
+    try:
+        config = load_config(config_path) if config_path else {}
+        config = apply_overrides(config, list(overrides))
+        return resolve_config(apply_overrides(config, named))
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _require_for(config) -> None:
+    """The optional packages this config's run needs, checked before any work."""
+    modules = ["PIL"] if config["snapshot_every"] > 0 else []  # the sample grids
+    if config["loss"]["norm"] == "lpips":
+        modules.append("torchvision")  # the LPIPS backbone
+    require("lpips", *modules)
+
+
+def _set_threads(config, threads) -> None:
+    """--threads, else on the CPU the faster of 1 thread and all cores, timed on the student."""
+    import torch
+
+    from pid_fast.train.threads import pick_threads_for_config
+
+    if threads is None:
+        on_cpu = config["device"] == "cpu" or (config["device"] == "auto" and not torch.cuda.is_available())
+        if not on_cpu:
+            return
+        try:
+            threads, timings = pick_threads_for_config(config)
+        except _FILE_ERRORS as exc:  # e.g. a missing teacher file
+            raise click.ClickException(str(exc)) from None
+        if _rank() == 0:
+            click.echo(f"CPU threads: {threads} (a training-sized forward+backward of the student: "
+                       + ", ".join(f"{n} thread{'s' * (n > 1)} {s * 1e3:.0f} ms" for n, s in timings.items())
+                       + "; --threads N to choose)")
+    torch.set_num_threads(threads)
+
+
 @click.command("distill")
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), default=None,
               help="JSON (or YAML with PyYAML) config; unspecified keys take the defaults of "
-                   "pid_fast.train.trainer.DEFAULT_CONFIG.")
+                   "pid_fast.train.DEFAULT_CONFIG.")
 @click.option("--run-dir", required=True, type=click.Path(file_okay=False),
               help="Folder for checkpoints, log.jsonl, sample grids and config.json.")
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --run-dir (fresh start if none).")
@@ -43,11 +90,15 @@ def _rank() -> int:
 @click.option("--checkpoint-every", type=int, default=None, help="Write a checkpoint every K steps.")
 @click.option("--snapshot-every", type=int, default=None, help="Write a PNG grid of one-step samples every K steps.")
 @click.option("--log-every", type=int, default=None, help="Log loss and images/s every K steps.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="torch CPU threads (default on the CPU: the faster of 1 and all cores, timed at start-up).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def distill(config_path, run_dir, resume, overrides, total_steps, batch_size, accum, lr, precision, device, seed,
-            checkpoint_every, snapshot_every, log_every, no_progress) -> None:
+            checkpoint_every, snapshot_every, log_every, threads, no_progress) -> None:
     """Distil a diffusion teacher into a one-step student with PID."""
-    from pid_fast.train.trainer import NonFiniteLossError, apply_overrides, load_config, resolve_config, train
+    import torch
+
+    from pid_fast.train import NonFiniteLossError, train
 
     named = {"total_steps": total_steps, "batch_size": batch_size, "accum": accum, "optimizer.lr": lr,
              "precision": precision, "device": device, "seed": seed, "checkpoint_every": checkpoint_every,
@@ -55,22 +106,35 @@ def distill(config_path, run_dir, resume, overrides, total_steps, batch_size, ac
     named = {k: v for k, v in named.items() if v is not None}
     if no_progress:
         named["progress"] = False
+    config = _resolve(config_path, overrides, named)
+    _require_for(config)
+    threads_before = torch.get_num_threads()
     try:
-        config = load_config(config_path) if config_path else {}
-        config = apply_overrides(config, list(overrides))
-        config = resolve_config(apply_overrides(config, named))
-    except (ValueError, TypeError, FileNotFoundError) as exc:
-        raise click.ClickException(str(exc)) from None
-    try:
+        _set_threads(config, threads)
         summary = train(config, run_dir, resume=resume)
     except NonFiniteLossError as exc:
         raise click.ClickException(str(exc)) from None
-    except ValueError as exc:  # e.g. resuming with an incompatible config
+    except _FILE_ERRORS as exc:  # a missing teacher, an incompatible config on resume, ...
         raise click.ClickException(str(exc)) from None
+    finally:
+        torch.set_num_threads(threads_before)
     if _rank() == 0:
         loss = "n/a" if summary["loss"] is None else f"{summary['loss']:.6g}"
         ips = "n/a" if summary["images_per_s"] is None else f"{summary['images_per_s']:.1f}"
         click.echo(f"done: step {summary['step']}, loss {loss}, {ips} images/s, checkpoint {summary['checkpoint']}")
+
+
+def _write_samples(x, labels, seeds, out: str) -> None:
+    import numpy as np
+
+    from pid_fast.eval.images import save_images, to_uint8
+
+    if out.endswith(".npz"):
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        np.savez(out, images=to_uint8(x), x=x.numpy(), seeds=np.asarray(seeds, dtype=np.int64),
+                 labels=np.asarray([] if labels is None else labels.numpy(), dtype=np.int64))
+    else:
+        save_images(x, out, [f"{s:06d}" for s in seeds])
 
 
 @click.command("sample")
@@ -80,40 +144,35 @@ def distill(config_path, run_dir, resume, overrides, total_steps, batch_size, ac
 @click.option("--seed-start", type=int, default=0, show_default=True,
               help="Image k uses seed seed_start + k (its latents and class label depend only on it).")
 @click.option("--batch", type=int, default=64, show_default=True)
-@click.option("--weights", default="model", show_default=True,
-              help="'model', 'ema' (the slowest EMA) or 'ema-<rate>', e.g. ema-0.9999.")
+@click.option("--weights", default="auto", show_default=True,
+              help="'auto' (the slowest EMA that has forgotten the initial weights, else 'model'), 'model', "
+                   "'ema' (the slowest EMA) or 'ema-<rate>', e.g. ema-0.9999.")
 @click.option("--class-label", type=int, default=None, help="Fixed class for class-conditional students.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 def sample(checkpoint, out, num, seed_start, batch, weights, class_label, device) -> None:
     """One-step samples from a training CHECKPOINT (a file or a run folder) into OUT: a
     folder of PNGs, or an .npz with 'images' (uint8 NHWC), 'x' (float32 NCHW in [-1, 1],
     unquantised), 'seeds' and 'labels'."""
-    import numpy as np
-    import torch
-
-    from pid_fast.train.trainer import generate, load_student, save_images, to_uint8
+    from pid_fast.cli.common import pick_device
+    from pid_fast.eval.checkpoints import load_scored_student
+    from pid_fast.train import generate
 
     if num < 1:
         raise click.BadParameter("must be >= 1", param_hint="--num")
     if batch < 1:
         raise click.BadParameter("must be >= 1", param_hint="--batch")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device == "cuda" and not torch.cuda.is_available():
-        raise click.BadParameter("CUDA is not available", param_hint="--device")
+    device = pick_device(device)
+    if not out.endswith(".npz"):
+        require(None, "PIL")  # PNG files
     try:
-        net, meta = load_student(checkpoint, weights=weights, device=device)
+        net, meta, used = load_scored_student(checkpoint, weights=weights, device=device)
         seeds = list(range(seed_start, seed_start + num))
         x, labels = generate(net, meta, seeds, batch=batch, device=device, class_label=class_label)
-    except (ValueError, FileNotFoundError) as exc:
+    except (*_FILE_ERRORS, RuntimeError) as exc:  # RuntimeError: a damaged .pt
         raise click.ClickException(str(exc)) from None
-    if out.endswith(".npz"):
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        np.savez(out, images=to_uint8(x), x=x.numpy(), seeds=np.asarray(seeds, dtype=np.int64),
-                 labels=np.asarray([] if labels is None else labels.numpy(), dtype=np.int64))
-    else:
-        save_images(x, out, [f"{s:06d}" for s in seeds])
-    click.echo(f"{num} samples from {meta['path']} (step {meta['step']}, {weights}) -> {out}")
+    _write_samples(x, labels, seeds, out)
+    how = f"{used}, picked by the 'auto' rule" if weights == "auto" else used
+    click.echo(f"{num} samples from {meta['path']} (step {meta['step']}, weights {how}) -> {out}")
 
 
 def register(group: click.Group) -> None:
