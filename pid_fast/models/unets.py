@@ -36,6 +36,8 @@ class SongUNet(nn.Module):
                  dropout: float = 0.10, label_dropout: float = 0.0, embedding_type: str = "positional",
                  channel_mult_noise: int = 1, encoder_type: str = "standard", decoder_type: str = "standard",
                  resample_filter: Sequence[float] = (1, 1)):
+        # One long constructor on purpose: modules are registered in EDM's order, which fixes
+        # the state_dict names and the order of initialisation draws; splitting it hides that.
         super().__init__()
         if embedding_type not in ("positional", "fourier"):
             raise ValueError(f"SongUNet: embedding_type must be 'positional' or 'fourier', got {embedding_type!r}")
