@@ -21,7 +21,7 @@ MOVED = {
     "pid_fast.io.edm_checkpoint": "pid_fast.io",
     "pid_fast.networks": "pid_fast.models.networks",
     "pid_fast.preconditioning": "pid_fast.models.preconditioning",
-    "pid_fast.analytic": "pid_fast.models.analytic",
+    "pid_fast.analytic": ("pid_fast.models.analytic", "pid_fast.demo.analytic_sweep"),
     "pid_fast.reference": "pid_fast.ops.reference",
     "pid_fast.triton_ops": "pid_fast.ops.triton_kernels",
     "pid_fast.testing": "pid_fast.ops.testing",

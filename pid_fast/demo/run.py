@@ -1,85 +1,68 @@
 """`pid-fast demo`: PID end to end on the CPU, offline, in about ten minutes.
 
-1. Load the bundled digits teacher (a small EDM SongUNet, ``pid_fast.demo.digits``) and the bundled
-   digits feature network (``pid_fast.eval.metrics.DigitsFeatures``).
-2. The teacher's baselines on fixed seeds: EDM's Heun sampler with 18 steps (35 network
-   evaluations) and a single Euler step; their digits FD / KID against the 1797 real digits.
-3. PID-distil a one-step student from the teacher with ``pid_fast.train.trainer.train`` (the same
-   trainer as ``pid-fast distill``), in chunks; after each chunk the student's one-step FD is
-   measured, so the run also yields an FD-over-training curve, and a time budget can stop it
-   early on a slow machine (at a chunk boundary; the run can be continued with ``--resume``).
-4. The student's one-step samples from the same seeds, a table, and pictures: a grid of
-   student vs teacher from the same noise, the loss curve, FD over training, and (optional) the
-   analytic Gaussian-mixture teacher's error against N.
+``run_demo`` checks its options (into a ``pid_fast.demo.settings.DemoRun``), then runs four stages:
+
+1. ``baselines``: the teacher's EDM Heun sampler with 18 steps (35 network evaluations) and a
+   single Euler step on fixed seeds, and the real digits; their digits FD / KID against the
+   1797 real digits (features of the bundled digits classifier, ``pid_fast.demo.classifier``).
+2. ``distill``: PID-distil a one-step student from the teacher with ``pid_fast.train.train``
+   (the same trainer as ``pid-fast distill``), in chunks; after each chunk the student's
+   one-step FD is measured, so the run also yields an FD-over-training curve, and a time
+   budget can stop it early on a slow machine (at a chunk boundary; ``--resume`` continues it).
+3. ``score``: the student's one-step samples from the same seeds, with the chosen weights.
+4. ``report``: pictures (student vs teacher from the same noise, the loss curve, FD over
+   training and, optionally, the analytic Gaussian-mixture teacher's error against N from
+   ``pid_fast.demo.analytic_sweep``), ``summary.json`` and the printed table.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
 import shutil
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
+import pid_fast.demo.analytic_sweep as analytic_sweep
+from pid_fast.checks import check_int, check_positive
+from pid_fast.demo.data import load_digits
+from pid_fast.demo.files import DEFAULT_FEATURES, DEFAULT_TEACHER
+from pid_fast.demo.settings import DEMO_DEFAULTS, DemoRun, demo_config
+from pid_fast.demo.teacher import load_digits_teacher
 from pid_fast.eval.checkpoints import pick_weights
+from pid_fast.eval.metrics import DigitsFeatures, digits_reference_features, fd_from_features, kernel_distance
+from pid_fast.eval.plots import plot_fd_over_training, plot_fd_vs_n, plot_loss_curve, save_comparison_grid
+from pid_fast.sampling import euler_sample, heun_sample, seeded_latents
+from pid_fast.train import generate, list_checkpoints, load_student, resolve_config, train
 from pid_fast.train.threads import pick_threads
 
-__all__ = ["DEMO_DEFAULTS", "demo_config", "pick_weights", "run_demo", "format_table"]
-
-# The recipe of the demo's distillation. The student starts as a copy of the teacher (PID);
-# pseudo-Huber instead of LPIPS (no downloads); a learning rate 10x the reference's 2e-4
-# (batch 512, 800k steps) because the budget is 1200 steps of batch 64, and EMAs short enough
-# for that budget: the raw weights are noisy at this learning rate and the EMA at 0.998
-# (half-life ~350 steps) scores far better than they do (see the FD-over-training plot).
-DEMO_DEFAULTS: dict[str, Any] = {
-    "steps": 1200,
-    "batch_size": 64,
-    "lr": 2e-3,
-    "N": 250,
-    "norm": "huber",
-    "huber_c": 0.01,
-    "ema_rates": [0.995, 0.998],
-    "weights": "auto",
-    "chunk": 200,
-    "num_samples": 1000,
-    "max_minutes": 7.0,
-}
+__all__ = ["DEMO_DEFAULTS", "DemoRun", "demo_config", "pick_weights", "run_demo", "baselines", "distill", "score",
+           "report", "format_table"]
 
 
-def demo_config(teacher_path: str, *, steps: int, batch_size: int, lr: float, N: int, norm: str,
-                huber_c: Optional[float], ema_rates, chunk: int, seed: int = 0, progress: bool = True) -> dict:
-    """The ``pid_fast.train.trainer`` config of the demo's distillation."""
-    return {
-        "seed": seed, "device": "cpu",
-        "teacher": {"kind": "edm", "path": os.fspath(teacher_path)},
-        "student": {"init": "teacher", "network": None, "dropout": 0.0, "seed": 1},
-        "loss": {"N": N, "norm": norm, "huber_c": huber_c if norm == "huber" else None},
-        "optimizer": {"name": "radam", "lr": lr},
-        "ema_rates": list(ema_rates),
-        "batch_size": batch_size,
-        "total_steps": steps,
-        "log_every": max(1, min(50, chunk)),
-        "checkpoint_every": chunk,
-        "keep_checkpoints": 0,
-        "snapshot_every": chunk,
-        "snapshot_num": 64,
-        "progress": progress,
-    }
+class DigitsScorer:
+    """FD and KID of [B, 1, 16, 16] image batches against the 1797 real digits, in the feature
+    space of the digits classifier at ``features_path``."""
+
+    def __init__(self, features_path: str):
+        self.features = DigitsFeatures(features_path)
+
+    def fd(self, images: torch.Tensor) -> float:
+        return fd_from_features(self.features.features(images), digits_reference_features(self.features))
+
+    def __call__(self, images: torch.Tensor) -> dict[str, float]:
+        feats, ref = self.features.features(images), digits_reference_features(self.features)
+        return {"fd": fd_from_features(feats, ref), "kid": kernel_distance(feats, ref)}
 
 
-def _float_or_none(text: str) -> Optional[float]:
-    try:
-        return float(text)
-    except ValueError:
-        return None
-
-
-def _check_int(v: Any, name: str, minimum: int = 1) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {v!r}")
-    return v
+def _rmse(x: torch.Tensor, reference: torch.Tensor) -> float:
+    # Per-pixel RMS distance to the teacher's Heun sample from the same noise: how well a
+    # one-step sampler reproduces the teacher's ODE solution, not just its distribution.
+    return float((x - reference).square().mean().sqrt())
 
 
 def run_demo(out_dir: str | os.PathLike = "pid-demo", *, steps: int = DEMO_DEFAULTS["steps"],
@@ -101,32 +84,44 @@ def run_demo(out_dir: str | os.PathLike = "pid-demo", *, steps: int = DEMO_DEFAU
     (None: the faster of 1 and all cores, timed on the teacher's network at start-up; see
     ``pick_threads``).
     """
-    from pid_fast.demo.digits import DEFAULT_FEATURES, DEFAULT_TEACHER, load_digits_teacher
-    from pid_fast.eval.metrics import DigitsFeatures, digits_reference_features, fd_from_features, kernel_distance
-    from pid_fast.eval.plots import plot_fd_over_training, plot_fd_vs_n, plot_loss_curve, save_comparison_grid
-    from pid_fast.sampling import euler_sample, heun_sample, seeded_latents
-    from pid_fast.train.trainer import generate, list_checkpoints, load_student, resolve_config, train
-
-    for name, v in (("steps", steps), ("batch_size", batch_size), ("chunk", chunk), ("num_samples", num_samples)):
-        _check_int(v, name)
-    _check_int(N, "N", 2)
+    for name, value in (("steps", steps), ("batch_size", batch_size), ("chunk", chunk),
+                        ("num_samples", num_samples)):
+        check_int(value, name)
+    check_int(N, "N", 2)
     if num_samples < 2:
         raise ValueError(f"num_samples must be >= 2 (an FD needs a covariance), got {num_samples}")
-    if max_minutes is not None and not (isinstance(max_minutes, (int, float)) and max_minutes > 0):
-        raise ValueError(f"max_minutes must be a positive number or None, got {max_minutes!r}")
-    if threads is not None:
-        _check_int(threads, "threads")
+    check_positive(max_minutes, "max_minutes", allow_none=True)
+    check_int(threads, "threads", allow_none=True)
     teacher_path = os.fspath(teacher_path or DEFAULT_TEACHER)
-    features_path = os.fspath(features_path or DEFAULT_FEATURES)
-    out_dir = os.fspath(out_dir)
-    run_dir = os.path.join(out_dir, "run")
     config = demo_config(teacher_path, steps=steps, batch_size=batch_size, lr=lr, N=N, norm=norm, huber_c=huber_c,
                          ema_rates=ema_rates, chunk=chunk, seed=seed, progress=progress)
-    config = resolve_config(config)  # bad options fail here, before any work
+    run = DemoRun(out_dir=os.fspath(out_dir), teacher_path=teacher_path,
+                  features_path=os.fspath(features_path or DEFAULT_FEATURES),
+                  config=resolve_config(config),  # bad options fail here, before any work
+                  steps=steps, batch_size=batch_size, N=N, norm=norm, lr=lr, ema_rates=tuple(ema_rates),
+                  weights=weights, chunk=chunk, num_samples=num_samples, max_minutes=max_minutes, seed=seed,
+                  resume=resume, progress=progress, log=log)
     pick_weights(weights, ema_rates, steps)  # validates
-    if resume and overwrite:
+    _prepare_folders(run, overwrite)
+    run.t_start = time.perf_counter()
+    with _cpu_settings():
+        teacher = load_digits_teacher(run.teacher_path)
+        scorer = DigitsScorer(run.features_path)
+        _use_threads(threads, teacher, run)
+        rows, samples = baselines(run, teacher, scorer)
+        distillation = distill(run, scorer)
+        rows["student"], samples["student"], chosen, final_step = score(run, scorer, samples["heun"])
+        analytic_rows = _analytic_sweep(run) if analytic else None
+        return report(run, rows, samples, distillation, chosen=chosen, final_step=final_step,
+                      analytic_rows=analytic_rows)
+
+
+def _prepare_folders(run: DemoRun, overwrite: bool) -> None:
+    """Create out_dir; refuse a previous run in run_dir unless resumed, or delete it with overwrite."""
+    if run.resume and overwrite:
         raise ValueError("resume and overwrite exclude each other (continue the run, or replace it)")
-    if os.path.isdir(run_dir) and list_checkpoints(run_dir) and not resume:
+    run_dir = run.run_dir
+    if os.path.isdir(run_dir) and list_checkpoints(run_dir) and not run.resume:
         if not overwrite:
             raise FileExistsError(f"out_dir: {run_dir!r} already holds a run; pass resume=True (--resume) to "
                                   f"continue it, overwrite=True (--overwrite) to replace it, or choose another out_dir")
@@ -134,154 +129,180 @@ def run_demo(out_dir: str | os.PathLike = "pid-demo", *, steps: int = DEMO_DEFAU
             raise FileExistsError(f"out_dir: {run_dir!r} does not look like a pid-fast run (no config.json); "
                                   f"not deleting it")
         shutil.rmtree(run_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    t_start = time.perf_counter()
+    os.makedirs(run.out_dir, exist_ok=True)
+
+
+@contextlib.contextmanager
+def _cpu_settings() -> Iterator[None]:
+    """Flush denormals (they slow CPUs down ~10x) and restore torch's thread count afterwards."""
     threads_before = torch.get_num_threads()
-    denormals = torch.set_flush_denormal(True)  # denormals slow CPUs down ~10x
+    denormals = torch.set_flush_denormal(True)
     try:
-        teacher = load_digits_teacher(teacher_path)
-        features = DigitsFeatures(features_path)
-        shape = (int(teacher.model.in_channels), int(teacher.model.img_resolution), int(teacher.model.img_resolution))
-        if threads is None:
-            threads, timings = pick_threads(teacher.model, (batch_size, *shape))
-            log(f"CPU threads: {threads} (one training-sized forward+backward: "
-                + ", ".join(f"{n} thread(s) {t * 1e3:.0f} ms" for n, t in timings.items()) + ")")
-        torch.set_num_threads(threads)
-        ref = digits_reference_features(features)
-        seeds = list(range(num_samples))
-        z, _ = seeded_latents(seeds, shape)
-        log(f"pid-fast demo: teacher {teacher_path}\n  {sum(p.numel() for p in teacher.parameters()):,} parameters, "
-            f"{shape[1]}x{shape[2]} digits; FD = Frechet distance of digits-classifier features "
-            f"({features_path}) to the 1797 real digits, {num_samples} samples each; {torch.get_num_threads()} "
-            f"CPU thread(s)")
-
-        def measure(x: torch.Tensor) -> dict[str, float]:
-            f = features.features(x)
-            return {"fd": fd_from_features(f, ref), "kid": kernel_distance(f, ref)}
-
-        rows: dict[str, dict[str, Any]] = {}
-        # Real images: what an ideal generator would score at this sample size (a subset of the
-        # reference set, so slightly optimistic).
-        from pid_fast.demo.digits import load_digits
-
-        real, _ = load_digits(shape[1])
-        perm = torch.randperm(real.shape[0], generator=torch.Generator().manual_seed(seed))[:min(num_samples, real.shape[0])]
-        rows["real"] = {"label": f"real digits ({perm.numel()} of the reference set)", "nfe": 0,
-                        **measure(real[perm]), "seconds": 0.0}
-
-        log("teacher baselines (Heun 18 steps = 35 evaluations; Euler 1 step) ...")
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            x_heun = heun_sample(teacher, z, num_steps=18).float().clamp(-1, 1)
-        rows["heun"] = {"label": "teacher, Heun 18 steps", "nfe": 35, **measure(x_heun),
-                        "seconds": time.perf_counter() - t0}
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            x_euler = euler_sample(teacher, z, num_steps=1).float().clamp(-1, 1)
-        rows["euler"] = {"label": "teacher, Euler 1 step", "nfe": 1, **measure(x_euler),
-                         "seconds": time.perf_counter() - t0}
-
-        def rmse_to_heun(x: torch.Tensor) -> float:
-            # Per-pixel RMS distance to the teacher's Heun sample from the same noise: how well
-            # a one-step sampler reproduces the teacher's ODE solution, not just its distribution.
-            return float((x - x_heun).square().mean().sqrt())
-
-        rows["heun"]["rmse_to_heun"] = 0.0
-        rows["euler"]["rmse_to_heun"] = rmse_to_heun(x_euler)
-        log(f"  Heun FD {rows['heun']['fd']:.3f} ({rows['heun']['seconds']:.0f}s), "
-            f"Euler FD {rows['euler']['fd']:.3f}")
-
-        # Distillation in chunks (the trainer's resume is exact, so chunking does not change
-        # the result), with the student's FD after every chunk.
-        log(f"PID distillation: {steps} steps of batch {batch_size}, N={N}, {norm} norm, RAdam lr {lr}, "
-            f"budget {'none' if max_minutes is None else f'{max_minutes:g} min'} -> {run_dir}")
-        all_weights = ["model"] + [f"ema-{float(r)}" for r in ema_rates]
-        curve: dict[int, dict[str, float]] = {}
-
-        def score_checkpoints() -> None:
-            # One-step FD of the raw weights and of each EMA at every checkpoint not yet scored.
-            for step, path in sorted(list_checkpoints(run_dir)):
-                if step in curve:
-                    continue
-                curve[step] = {}
-                for w in all_weights:
-                    net, meta = load_student(path, weights=w)
-                    x, _ = generate(net, meta, seeds, batch=500)
-                    curve[step][w] = measure(x)["fd"]
-                log(f"  step {step}: one-step FD " + ", ".join(f"{w} {v:.3f}" for w, v in curve[step].items())
-                    + f"  ({(time.perf_counter() - t_start) / 60:.1f} min)")
-
-        t_distill = time.perf_counter()
-        done = max([s for s, _ in list_checkpoints(run_dir)], default=0) if resume else 0
-        stopped_early = False
-        while done < steps:
-            target = min(steps, (done // chunk + 1) * chunk)
-            train(dict(config, total_steps=target), run_dir, resume=True)
-            done = target
-            t_score = time.perf_counter()
-            score_checkpoints()
-            t_distill += time.perf_counter() - t_score  # the budget counts distillation only
-            elapsed = (time.perf_counter() - t_distill) / 60
-            if max_minutes is not None and elapsed > max_minutes and done < steps:
-                stopped_early = True
-                log(f"  time budget of {max_minutes:g} min used up at step {done}/{steps}: stopping here "
-                    f"(continue with --resume --steps ... --max-minutes ...)")
-                break
-        distill_seconds = time.perf_counter() - t_distill
-        score_checkpoints()
-        ckpts = sorted(list_checkpoints(run_dir))
-        curve_steps = [step for step, _ in ckpts]
-        curve_by_weights = {w: [curve[step][w] for step in curve_steps] for w in all_weights}
-        final_step, final_path = ckpts[-1]
-        chosen = pick_weights(weights, ema_rates, final_step)
-        net, meta = load_student(final_path, weights=chosen)
-        t0 = time.perf_counter()
-        x_student, _ = generate(net, meta, seeds, batch=500)
-        student_seconds = time.perf_counter() - t0
-        rows["student"] = {"label": f"PID student, 1 step ({chosen})", "nfe": 1, **measure(x_student),
-                           "seconds": student_seconds, "rmse_to_heun": rmse_to_heun(x_student)}
-
-        # Pictures.
-        grid_n = min(32, num_samples)
-        pictures = {
-            "samples": save_comparison_grid(
-                {"PID student, 1 step": x_student[:grid_n], "teacher, Heun 35 NFE": x_heun[:grid_n],
-                 "teacher, Euler 1 step": x_euler[:grid_n]}, os.path.join(out_dir, "student_vs_teacher.png"),
-                title="The same noise at the same place in each panel"),
-            "loss": plot_loss_curve(os.path.join(run_dir, "log.jsonl"), os.path.join(out_dir, "loss.png"),
-                                    title=f"PID loss ({norm}, N={N}, batch {batch_size})"),
-            "fd_over_training": plot_fd_over_training(
-                curve_steps, {f"student ({w})": v for w, v in curve_by_weights.items()},
-                os.path.join(out_dir, "fd_over_training.png"),
-                references={"teacher Heun 35 NFE": rows["heun"]["fd"], "real digits": rows["real"]["fd"]}),
-        }
-        analytic_rows = None
-        if analytic:
-            from pid_fast.models.analytic import sweep_n
-
-            log("analytic teacher (Gaussian mixture in 2-D): one-step student error vs N ...")
-            t0 = time.perf_counter()
-            analytic_rows = sweep_n((2, 4, 8, 16, 64), num_eval=1000, steps=1500, batch_size=128, seed=seed,
-                                    progress=progress)
-            pictures["fd_vs_n"] = plot_fd_vs_n(analytic_rows, os.path.join(out_dir, "fd_vs_n.png"))
-            log(f"  done in {time.perf_counter() - t0:.0f}s")
-        used_threads = torch.get_num_threads()
+        yield
     finally:
         if denormals:
             torch.set_flush_denormal(False)
         torch.set_num_threads(threads_before)
 
+
+def _image_shape(teacher: torch.nn.Module) -> tuple[int, int, int]:
+    resolution = int(teacher.model.img_resolution)
+    return int(teacher.model.in_channels), resolution, resolution
+
+
+def _use_threads(threads: Optional[int], teacher: torch.nn.Module, run: DemoRun) -> None:
+    """Set torch's CPU threads (timed with ``pick_threads`` when None) and log the run's set-up."""
+    shape = _image_shape(teacher)
+    if threads is None:
+        threads, timings = pick_threads(teacher.model, (run.batch_size, *shape))
+        run.log(f"CPU threads: {threads} (one training-sized forward+backward: "
+                + ", ".join(f"{n} thread(s) {t * 1e3:.0f} ms" for n, t in timings.items()) + ")")
+    torch.set_num_threads(threads)
+    run.log(f"pid-fast demo: teacher {run.teacher_path}\n  {sum(p.numel() for p in teacher.parameters()):,} "
+            f"parameters, {shape[1]}x{shape[2]} digits; FD = Frechet distance of digits-classifier features "
+            f"({run.features_path}) to the 1797 real digits, {run.num_samples} samples each; "
+            f"{torch.get_num_threads()} CPU thread(s)")
+
+
+def baselines(run: DemoRun, teacher: torch.nn.Module, scorer: DigitsScorer) -> tuple[dict, dict]:
+    """The rows a student is compared with, keyed 'real', 'heun', 'euler' (label, nfe, fd, kid,
+    seconds, rmse_to_heun), and the teacher's samples from the run's seeds, keyed 'heun', 'euler'."""
+    shape = _image_shape(teacher)
+    z, _ = seeded_latents(run.seeds, shape)
+    # Real images: what an ideal generator would score at this sample size (a subset of the
+    # reference set, so slightly optimistic).
+    real, _ = load_digits(shape[1])
+    perm = torch.randperm(real.shape[0], generator=torch.Generator().manual_seed(run.seed))
+    perm = perm[:min(run.num_samples, real.shape[0])]
+    rows: dict[str, dict[str, Any]] = {
+        "real": {"label": f"real digits ({perm.numel()} of the reference set)", "nfe": 0, **scorer(real[perm]),
+                 "seconds": 0.0}}
+    run.log("teacher baselines (Heun 18 steps = 35 evaluations; Euler 1 step) ...")
+    samples: dict[str, torch.Tensor] = {}
+    for key, label, nfe, sampler, num_steps in (("heun", "teacher, Heun 18 steps", 35, heun_sample, 18),
+                                                 ("euler", "teacher, Euler 1 step", 1, euler_sample, 1)):
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            samples[key] = sampler(teacher, z, num_steps=num_steps).float().clamp(-1, 1)
+        rows[key] = {"label": label, "nfe": nfe, **scorer(samples[key]), "seconds": time.perf_counter() - t0}
+    rows["heun"]["rmse_to_heun"] = 0.0
+    rows["euler"]["rmse_to_heun"] = _rmse(samples["euler"], samples["heun"])
+    run.log(f"  Heun FD {rows['heun']['fd']:.3f} ({rows['heun']['seconds']:.0f}s), "
+            f"Euler FD {rows['euler']['fd']:.3f}")
+    return rows, samples
+
+
+@dataclasses.dataclass
+class Distillation:
+    """What ``distill`` leaves: the one-step FD of each weights ('model', 'ema-<rate>') at each
+    checkpoint step, the checkpoint steps in order, the distillation's time (scoring excluded),
+    and whether the time budget stopped it."""
+    fd_by_step: dict[int, dict[str, float]] = dataclasses.field(default_factory=dict)
+    steps: list[int] = dataclasses.field(default_factory=list)
+    seconds: float = 0.0
+    stopped_early: bool = False
+
+    def curves(self, weights: list[str]) -> dict[str, list[float]]:
+        """FD over training of each of ``weights``, aligned with ``steps``."""
+        return {w: [self.fd_by_step[step][w] for step in self.steps] for w in weights}
+
+
+def distill(run: DemoRun, scorer: DigitsScorer) -> Distillation:
+    """PID distillation in chunks of ``run.chunk`` steps (the trainer's resume is exact, so
+    chunking does not change the result), scoring each new checkpoint; stops at the first chunk
+    that ends past ``run.max_minutes`` of distillation."""
+    run.log(f"PID distillation: {run.steps} steps of batch {run.batch_size}, N={run.N}, {run.norm} norm, RAdam "
+            f"lr {run.lr}, budget {'none' if run.max_minutes is None else f'{run.max_minutes:g} min'} -> "
+            f"{run.run_dir}")
+    result = Distillation()
+    t_distill = time.perf_counter()
+    done = max([s for s, _ in list_checkpoints(run.run_dir)], default=0) if run.resume else 0
+    while done < run.steps:
+        done = min(run.steps, (done // run.chunk + 1) * run.chunk)
+        train(dict(run.config, total_steps=done), run.run_dir, resume=True)
+        t_score = time.perf_counter()
+        _score_checkpoints(run, scorer, result.fd_by_step)
+        t_distill += time.perf_counter() - t_score  # the budget counts distillation only
+        elapsed = (time.perf_counter() - t_distill) / 60
+        if run.max_minutes is not None and elapsed > run.max_minutes and done < run.steps:
+            result.stopped_early = True
+            run.log(f"  time budget of {run.max_minutes:g} min used up at step {done}/{run.steps}: stopping here "
+                    f"(continue with --resume --steps ... --max-minutes ...)")
+            break
+    result.seconds = time.perf_counter() - t_distill
+    _score_checkpoints(run, scorer, result.fd_by_step)
+    result.steps = sorted(step for step, _ in list_checkpoints(run.run_dir))
+    return result
+
+
+def _score_checkpoints(run: DemoRun, scorer: DigitsScorer, fd_by_step: dict[int, dict[str, float]]) -> None:
+    """One-step FD of the raw weights and of each EMA at every checkpoint not yet scored."""
+    for step, path in sorted(list_checkpoints(run.run_dir)):
+        if step in fd_by_step:
+            continue
+        fd_by_step[step] = {}
+        for w in run.all_weights:
+            net, meta = load_student(path, weights=w)
+            x, _ = generate(net, meta, run.seeds, batch=500)
+            fd_by_step[step][w] = scorer.fd(x)
+        run.log(f"  step {step}: one-step FD " + ", ".join(f"{w} {v:.3f}" for w, v in fd_by_step[step].items())
+                + f"  ({run.seconds() / 60:.1f} min)")
+
+
+def score(run: DemoRun, scorer: DigitsScorer, x_heun: torch.Tensor) -> tuple[dict, torch.Tensor, str, int]:
+    """The student's row (one step from the run's seeds, with the weights ``run.weights`` picks at
+    the final checkpoint), its samples, the weights' name and the final step."""
+    final_step, final_path = max(list_checkpoints(run.run_dir))
+    chosen = pick_weights(run.weights, run.ema_rates, final_step)
+    net, meta = load_student(final_path, weights=chosen)
+    t0 = time.perf_counter()
+    x_student, _ = generate(net, meta, run.seeds, batch=500)
+    seconds = time.perf_counter() - t0
+    row = {"label": f"PID student, 1 step ({chosen})", "nfe": 1, **scorer(x_student), "seconds": seconds,
+           "rmse_to_heun": _rmse(x_student, x_heun)}
+    return row, x_student, chosen, final_step
+
+
+def _analytic_sweep(run: DemoRun) -> list[dict[str, Any]]:
+    """The analytic Gaussian-mixture teacher's one-step student error against N."""
+    run.log("analytic teacher (Gaussian mixture in 2-D): one-step student error vs N ...")
+    t0 = time.perf_counter()
+    rows = analytic_sweep.sweep_n((2, 4, 8, 16, 64), num_eval=1000, steps=1500, batch_size=128, seed=run.seed,
+                                  progress=run.progress)
+    run.log(f"  done in {time.perf_counter() - t0:.0f}s")
+    return rows
+
+
+def report(run: DemoRun, rows: dict, samples: dict, distillation: Distillation, *, chosen: str, final_step: int,
+           analytic_rows: Optional[list] = None) -> dict[str, Any]:
+    """Draw the pictures, write ``summary.json``, log the table; returns the summary."""
+    curves = distillation.curves(run.all_weights)
+    grid_n = min(32, run.num_samples)
+    pictures = {
+        "samples": save_comparison_grid(
+            {"PID student, 1 step": samples["student"][:grid_n], "teacher, Heun 35 NFE": samples["heun"][:grid_n],
+             "teacher, Euler 1 step": samples["euler"][:grid_n]}, os.path.join(run.out_dir, "student_vs_teacher.png"),
+            title="The same noise at the same place in each panel"),
+        "loss": plot_loss_curve(os.path.join(run.run_dir, "log.jsonl"), os.path.join(run.out_dir, "loss.png"),
+                                title=f"PID loss ({run.norm}, N={run.N}, batch {run.batch_size})"),
+        "fd_over_training": plot_fd_over_training(
+            distillation.steps, {f"student ({w})": v for w, v in curves.items()},
+            os.path.join(run.out_dir, "fd_over_training.png"),
+            references={"teacher Heun 35 NFE": rows["heun"]["fd"], "real digits": rows["real"]["fd"]}),
+    }
+    if analytic_rows is not None:
+        pictures["fd_vs_n"] = plot_fd_vs_n(analytic_rows, os.path.join(run.out_dir, "fd_vs_n.png"))
     summary = {
         "rows": rows, "ratio": rows["student"]["fd"] / rows["heun"]["fd"], "target_ratio": 1.5,
-        "steps": final_step, "requested_steps": steps, "stopped_early": stopped_early, "batch_size": batch_size,
-        "distill_seconds": distill_seconds, "total_seconds": time.perf_counter() - t_start,
-        "fd_over_training": {"steps": curve_steps, **curve_by_weights}, "analytic": analytic_rows, "pictures": pictures,
-        "run_dir": run_dir, "config": config, "weights": chosen, "threads": used_threads,
-        "num_samples": num_samples,
+        "steps": final_step, "requested_steps": run.steps, "stopped_early": distillation.stopped_early,
+        "batch_size": run.batch_size, "distill_seconds": distillation.seconds, "total_seconds": run.seconds(),
+        "fd_over_training": {"steps": distillation.steps, **curves}, "analytic": analytic_rows, "pictures": pictures,
+        "run_dir": run.run_dir, "config": run.config, "weights": chosen, "threads": torch.get_num_threads(),
+        "num_samples": run.num_samples,
     }
-    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+    with open(os.path.join(run.out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2, default=float)
-    log(format_table(summary))
+    run.log(format_table(summary))
     return summary
 
 

@@ -1,7 +1,7 @@
 """Quality metrics: Frechet distance and KID through clean-fid's own functions
 (``cleanfid.fid.frechet_distance``, ``cleanfid.fid.kernel_distance``), on features from
 
-- the bundled digits feature network (``pid_fast.demo.digits.DigitsClassifier``): the offline
+- the bundled digits feature network (``pid_fast.demo.classifier.DigitsClassifier``): the offline
   "digits FD" of the embedded default and of ``pid-fast demo``;
 - clean-fid's ``legacy_tensorflow`` Inception (the TF-ported Inception-v3 torchscript file
   ``inception-2015-12-05.pt``, which resizes to 299x299 inside, as TF did), read from a local
@@ -22,6 +22,8 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
+
+from pid_fast.checks import check_int
 
 __all__ = [
     "feature_statistics", "frechet_distance", "fd_from_features", "kernel_distance", "DigitsFeatures",
@@ -87,9 +89,8 @@ def kernel_distance(feats1: Any, feats2: Any, *, num_subsets: int = 100, max_sub
     f1, f2 = _as_features(feats1, "feats1"), _as_features(feats2, "feats2")
     if f1.shape[1] != f2.shape[1]:
         raise ValueError(f"feats1, feats2: feature dimensions differ ({f1.shape[1]} vs {f2.shape[1]})")
-    for name, v in (("num_subsets", num_subsets), ("max_subset_size", max_subset_size)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+    check_int(num_subsets, "num_subsets")
+    check_int(max_subset_size, "max_subset_size")
     state = np.random.get_state()
     try:
         np.random.seed(seed)
@@ -114,8 +115,7 @@ def features_of(extractor: Callable[[torch.Tensor], torch.Tensor], images: torch
                 device: str | torch.device = "cpu") -> np.ndarray:
     """extractor(images) in batches, as a float64 array [B, dim]."""
     images = _check_images(images)
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise ValueError(f"batch must be an int >= 1, got {batch!r}")
+    check_int(batch, "batch")
     out = [extractor(images[k:k + batch].to(device)).double().cpu() for k in range(0, images.shape[0], batch)]
     return torch.cat(out).numpy()
 
@@ -128,7 +128,7 @@ class DigitsFeatures:
     -> [B, 64]. Images are clamped to [-1, 1] first (as one-step samples are)."""
 
     def __init__(self, path: Optional[str | os.PathLike] = None, device: str | torch.device = "cpu"):
-        from pid_fast.demo.digits import load_classifier
+        from pid_fast.demo.classifier import load_classifier  # the feature net lives with the demo
 
         self.device = torch.device(device)
         self.model = load_classifier(path, device=self.device)
@@ -145,7 +145,7 @@ class DigitsFeatures:
 def digits_reference_features(extractor: Optional[DigitsFeatures] = None) -> np.ndarray:
     """Features of all 1797 digits images (the reference set of the digits FD), computed once
     per extractor."""
-    from pid_fast.demo.digits import load_digits
+    from pid_fast.demo.data import load_digits
 
     extractor = extractor or DigitsFeatures()
     if getattr(extractor, "_reference", None) is None:
@@ -281,8 +281,7 @@ def load_images(source: str | os.PathLike, num: Optional[int] = None) -> torch.T
       else 'images' or 'arr_0' (uint8 NHWC, EDM/ADM style).
     ``num`` keeps the first num images (all when None)."""
     source = os.fspath(source)
-    if num is not None and (isinstance(num, bool) or not isinstance(num, int) or num < 1):
-        raise ValueError(f"num must be an int >= 1 or None, got {num!r}")
+    check_int(num, "num", allow_none=True)
     if os.path.isdir(source):
         from PIL import Image
 

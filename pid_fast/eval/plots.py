@@ -4,7 +4,7 @@
 - ``plot_fd_over_training``: the student's one-step FD at each checkpoint, with the teacher's
   numbers as horizontal references;
 - ``plot_fd_vs_n``: the analytic teacher's endpoint error / FD of the one-step student against
-  the grid size N (``pid_fast.models.analytic.sweep_n``), with Euler on PID's grid as the floor;
+  the grid size N (``pid_fast.demo.analytic_sweep.sweep_n``), with Euler on PID's grid as the floor;
 - ``save_comparison_grid``: student and teacher samples from the same noise, side by side.
 
 Every function writes a PNG and returns its path. Figures are built with
@@ -113,7 +113,7 @@ def plot_fd_over_training(steps: Sequence[float], fds: Mapping[str, Sequence[flo
 def plot_fd_vs_n(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, *,
                  title: str = "Analytic teacher (Gaussian mixture): one-step student vs exact ODE") -> str:
     """Endpoint RMSE and FD of the one-step student against N (log-log), from
-    ``pid_fast.models.analytic.sweep_n`` rows, with Euler on PID's grid (N - 1 steps) for reference."""
+    ``pid_fast.demo.analytic_sweep.sweep_n`` rows, with Euler on PID's grid (N - 1 steps) for reference."""
     rows = sorted(rows, key=lambda r: r["N"])
     if not rows:
         raise ValueError("rows: nothing to plot")

@@ -14,30 +14,24 @@ The PF-ODE dx/dsigma = (x - D) / sigma has no closed form for K > 1; in u = ln s
 dx/du = x - D(x; e^u), a smooth non-stiff system, which ``ode_solution`` integrates with
 classical RK4 in float64, doubling the step count until the error estimate is below ``tol``.
 
-``distill`` trains a small MLP student with ``pid_fast.loss.PIDLoss`` against this teacher and
-``endpoint_error`` compares its one-step output x_theta(T z, sigma_min) with the exact
-x(sigma_min); ``sweep_n`` repeats this over the grid size N (the paper's observation: the
-one-step quality improves with N, then saturates). The finite difference of PID is first
-order, so the grid conditions i < N - 1 pin the student to an Euler solution with N - 1
-steps on PID's grid (``pid_grid_euler``): its error, O(1/N), is the floor a perfect student of
-that N reaches.
+``MLPStudent`` is a small raw student network for such vector data. The experiment that
+PID-distils it against this teacher and measures the one-step error against the exact
+solution, over the grid size N, is ``pid_fast.demo.analytic_sweep``.
 """
 
 from __future__ import annotations
 
 import math
-import time
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 import torch
 from torch import nn
 
+from pid_fast.checks import check_int
 from pid_fast.models.preconditioning import DirectDenoiser, GaussianDenoiser, _check_batch, _per_sample, sigma_vector
-from pid_fast.sampling import SIGMA_MAX, SIGMA_MIN, pid_grid, student_sample
 
-__all__ = ["GaussianMixtureDenoiser", "default_mixture", "MLPStudent", "distill", "endpoint_error",
-           "pid_grid_euler", "sweep_n"]
+__all__ = ["GaussianMixtureDenoiser", "default_mixture", "MLPStudent"]
 
 
 class GaussianMixtureDenoiser(DirectDenoiser):
@@ -162,8 +156,7 @@ class GaussianMixtureDenoiser(DirectDenoiser):
     def sample(self, num: int, generator: Optional[torch.Generator] = None,
                dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """Exact data samples [num, *shape]."""
-        if isinstance(num, bool) or not isinstance(num, int) or num < 1:
-            raise ValueError(f"num must be an int >= 1, got {num!r}")
+        check_int(num, "num")
         dev = self.means.device
         k = torch.multinomial(self.weights, num, replacement=True, generator=generator)
         eps = torch.randn((num, *self.sample_shape), generator=generator, dtype=torch.float64, device=dev)
@@ -174,10 +167,8 @@ def default_mixture(dim: int = 2, num_components: int = 4, radius: float = 0.7, 
                     seed: int = 0) -> GaussianMixtureDenoiser:
     """K equal-weight components of std ``std`` with means on a circle of ``radius`` in the first two
     coordinates (the others centred at 0): multimodal, inside [-1, 1] like image data."""
-    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-        raise ValueError(f"dim must be an int >= 1, got {dim!r}")
-    if isinstance(num_components, bool) or not isinstance(num_components, int) or num_components < 1:
-        raise ValueError(f"num_components must be an int >= 1, got {num_components!r}")
+    check_int(dim, "dim")
+    check_int(num_components, "num_components")
     angles = torch.arange(num_components, dtype=torch.float64) * (2 * math.pi / num_components) + 0.25
     means = torch.zeros(num_components, dim, dtype=torch.float64)
     means[:, 0] = radius * angles.cos()
@@ -187,7 +178,7 @@ def default_mixture(dim: int = 2, num_components: int = 4, radius: float = 0.7, 
 
 
 # ============================================================================================
-# Student, distillation and errors
+# Student
 
 class MLPStudent(nn.Module):
     """A raw student F(x_in, c_noise, labels) for vector data [B, d]: an MLP on
@@ -196,8 +187,7 @@ class MLPStudent(nn.Module):
     def __init__(self, dim: int, hidden: int = 128, depth: int = 3, num_freqs: int = 6):
         super().__init__()
         for name, v in (("dim", dim), ("hidden", hidden), ("depth", depth), ("num_freqs", num_freqs)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+            check_int(v, name)
         self.dim = dim
         self.register_buffer("freqs", 2.0 ** torch.arange(num_freqs, dtype=torch.float32))
         layers: list[nn.Module] = []
@@ -213,100 +203,3 @@ class MLPStudent(nn.Module):
         h = c_noise.to(x.dtype).reshape(-1, 1) * self.freqs.to(x.dtype)
         out = self.net(torch.cat([x.reshape(shape[0], -1), h.sin(), h.cos()], dim=1))
         return out.reshape(shape)
-
-
-def distill(teacher: GaussianMixtureDenoiser, N: int, *, steps: int = 1500, batch_size: int = 256,
-            lr: float = 3e-3, seed: int = 0, hidden: int = 128, depth: int = 3, norm: str = "l2",
-            sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, backend: Optional[str] = None) -> MLPStudent:
-    """PID-distil ``teacher`` into a fresh ``MLPStudent`` with grid size N (``PIDLoss``), Adam
-    with a cosine learning-rate decay to 0 (so that the final weights are an optimum rather
-    than a noisy iterate), float32, deterministic for a seed on the CPU."""
-    from pid_fast.loss import PIDLoss
-
-    if not isinstance(teacher, GaussianMixtureDenoiser):
-        raise TypeError(f"teacher must be a GaussianMixtureDenoiser, got {type(teacher).__name__}")
-    for name, v in (("steps", steps), ("batch_size", batch_size)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {v!r}")
-    torch.manual_seed(seed)
-    student = MLPStudent(teacher.dim, hidden=hidden, depth=depth)
-    loss_fn = PIDLoss(teacher, N=N, sigma_min=sigma_min, sigma_max=sigma_max, norm=norm, backend=backend)
-    opt = torch.optim.Adam(student.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
-    gen = torch.Generator().manual_seed(seed + 1)
-    for _ in range(steps):
-        z = torch.randn((batch_size, *teacher.sample_shape), generator=gen)
-        loss = loss_fn(student, z * sigma_max, generator=gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-    return student.eval().requires_grad_(False)
-
-
-@torch.no_grad()
-def endpoint_error(student: nn.Module, teacher: GaussianMixtureDenoiser, z: torch.Tensor, *,
-                   sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX,
-                   exact: Optional[torch.Tensor] = None) -> dict[str, float]:
-    """The one-step student x_theta(T z, sigma_min) against the exact PF-ODE solution
-    x(sigma_min) from x(T) = T z: RMS error per coordinate ('rmse'), mean per-sample L2 error
-    ('l2'), and the Frechet distance between the two point clouds ('fd', clean-fid's
-    ``frechet_distance`` on the coordinates). ``exact`` skips recomputing the ODE solution."""
-    from pid_fast.eval.metrics import fd_from_features
-
-    z = teacher._check_x(z, "endpoint_error")
-    x = student_sample(student, z.float(), sigma_min=sigma_min, sigma_max=sigma_max, clamp=False).double()
-    if exact is None:
-        exact = teacher.ode_solution(z.double() * sigma_max, sigma_max, sigma_min)
-    diff = (x - exact).flatten(1)
-    return {"rmse": float(diff.square().mean().sqrt()), "l2": float(diff.norm(dim=1).mean()),
-            "fd": fd_from_features(x.flatten(1), exact.flatten(1))}
-
-
-@torch.no_grad()
-def pid_grid_euler(teacher: GaussianMixtureDenoiser, z: torch.Tensor, N: int, *, sigma_min: float = SIGMA_MIN,
-                   sigma_max: float = SIGMA_MAX, rho: float = 7.0) -> torch.Tensor:
-    """Euler's method on PID's grid t_0 = T > ... > t_{N-1} = sigma_min (N - 1 steps), float64.
-
-    PID's condition at grid index i < N - 1, y_i - t_i (y_i - y_{i+1}) / (t_i - t_{i+1}) = D(y_i; t_i),
-    solved for y_{i+1} is exactly the Euler step y_{i+1} = y_i + (t_{i+1} - t_i) (y_i - D(y_i; t_i)) / t_i,
-    so with y_0 = T z a student satisfying all of them returns this at sigma_min."""
-    z = teacher._check_x(z, "pid_grid_euler").double()
-    t = pid_grid(N, sigma_min, sigma_max, rho, dtype=torch.float64)
-    x = z * sigma_max
-    for i in range(N - 1):
-        d = (x - teacher.denoise(x, t[i].expand(x.shape[0]))) / t[i]
-        x = x + (t[i + 1] - t[i]) * d
-    return x
-
-
-def sweep_n(Ns: Sequence[int] = (2, 4, 8, 16, 32, 64), *, teacher: Optional[GaussianMixtureDenoiser] = None,
-            num_eval: int = 2000, seed: int = 0, progress: bool = False, **distill_kwargs: Any) -> list[dict[str, Any]]:
-    """For each N: distil a student (``distill``), then its endpoint error against the exact
-    solution on ``num_eval`` fixed noises, and the same for Euler on PID's grid. Returns one dict
-    per N with keys N, rmse, l2, fd, euler_rmse, euler_fd, seconds."""
-    from pid_fast.eval.metrics import fd_from_features
-
-    teacher = teacher or default_mixture()
-    Ns = list(Ns)
-    if not Ns or any(isinstance(n, bool) or not isinstance(n, int) or n < 2 for n in Ns):
-        raise ValueError(f"Ns must be a non-empty list of ints >= 2, got {Ns!r}")
-    sigma_min = float(distill_kwargs.get("sigma_min", SIGMA_MIN))
-    sigma_max = float(distill_kwargs.get("sigma_max", SIGMA_MAX))
-    z = torch.randn((num_eval, *teacher.sample_shape), generator=torch.Generator().manual_seed(10_000 + seed),
-                    dtype=torch.float64)
-    exact = teacher.ode_solution(z * sigma_max, sigma_max, sigma_min)
-    rows = []
-    for n in Ns:
-        t0 = time.perf_counter()
-        student = distill(teacher, n, seed=seed, **distill_kwargs)
-        err = endpoint_error(student, teacher, z, sigma_min=sigma_min, sigma_max=sigma_max, exact=exact)
-        euler = pid_grid_euler(teacher, z, n, sigma_min=sigma_min, sigma_max=sigma_max)
-        row = {"N": n, **err, "euler_rmse": float((euler - exact).square().mean().sqrt()),
-               "euler_fd": fd_from_features(euler.flatten(1), exact.flatten(1)),
-               "seconds": time.perf_counter() - t0}
-        rows.append(row)
-        if progress:
-            print(f"  N={n:4d}  student rmse {row['rmse']:.4f}  fd {row['fd']:.4f}  |  Euler on the grid "
-                  f"rmse {row['euler_rmse']:.4f}  ({row['seconds']:.1f}s)", flush=True)
-    return rows

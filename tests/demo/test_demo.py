@@ -78,7 +78,7 @@ def test_demo_time_budget_stops_at_a_chunk(tmp_path, tiny_files):
 
 
 def test_demo_analytic_branch(tmp_path, tiny_files, monkeypatch):
-    import pid_fast.models.analytic as analytic
+    import pid_fast.demo.analytic_sweep as analytic
 
     rows = [{"N": n, "rmse": 1.0 / n, "fd": 1.0 / n ** 2, "euler_rmse": 0.5 / n, "euler_fd": 0.2 / n ** 2,
              "l2": 1.0 / n, "seconds": 0.0} for n in (2, 4, 8)]

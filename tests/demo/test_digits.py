@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from pid_fast.demo import digits
+from pid_fast.demo import data, digits
 from pid_fast.models.preconditioning import EDMPrecond
 
 
@@ -33,6 +33,19 @@ def test_load_digits_shape_range_and_values():
         digits.load_digits(4)
 
 
+def test_digits_module_re_exports_the_split_modules():
+    """pid_fast.demo.digits (and the legacy pid_fast.digits) hands out the objects of data.py,
+    teacher.py, classifier.py and files.py; the bundled files live in pid_fast/assets/."""
+    from pid_fast.demo import classifier, files, teacher
+
+    assert all(hasattr(digits, name) for name in digits.__all__)
+    assert digits.load_digits is data.load_digits and digits.train_teacher is teacher.train_teacher
+    assert digits.DigitsClassifier is classifier.DigitsClassifier and digits.checkpoint_recipe is files.checkpoint_recipe
+    for path, name in ((digits.DEFAULT_TEACHER, "digits-teacher.safetensors"),
+                       (digits.DEFAULT_FEATURES, "digits-features.safetensors")):
+        assert path == os.path.join(os.path.dirname(os.path.dirname(digits.__file__)), "assets", name)
+
+
 def test_split_is_disjoint_and_complete():
     train, test = digits.digits_split()
     assert len(test) == 359 and len(train) + len(test) == 1797
@@ -45,7 +58,7 @@ def test_split_is_disjoint_and_complete():
 def test_random_shift_translates_with_background_padding():
     x, _ = digits.load_digits()
     g = torch.Generator().manual_seed(0)
-    out = digits._random_shift(x[:1].expand(40, -1, -1, -1), 1, g)
+    out = data.random_shift(x[:1].expand(40, -1, -1, -1), 1, g)
     padded = torch.nn.functional.pad(x[:1], (1, 1, 1, 1), value=-1.0)[0]
     shifts = {(a, b): padded[:, a:a + 16, b:b + 16] for a in range(3) for b in range(3)}
     seen = set()
@@ -54,7 +67,7 @@ def test_random_shift_translates_with_background_padding():
         assert match, "every output is a translate of the input"
         seen.add(match[0])
     assert len(seen) > 4
-    assert torch.equal(digits._random_shift(x[:3], 0, g), x[:3])
+    assert torch.equal(data.random_shift(x[:3], 0, g), x[:3])
 
 
 def test_edm_loss_is_edms_weighted_mse():
@@ -87,7 +100,7 @@ def test_train_teacher_writes_a_loadable_teacher(tmp_path):
     recipe = digits.checkpoint_recipe(out)
     assert recipe["command"] == "pid-fast train-teacher --steps 3" and recipe["steps"] == 3
     # The trainer takes it as an "edm" teacher.
-    from pid_fast.train.trainer import build_teacher
+    from pid_fast.train import build_teacher
 
     t2, net_cfg = build_teacher({"kind": "edm", "path": str(out)}, torch.device("cpu"))
     assert net_cfg["model_channels"] == 8
@@ -98,6 +111,20 @@ def test_train_teacher_writes_a_loadable_teacher(tmp_path):
 
     a, b = load_file(out), load_file(out2)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_teacher_schedules_are_edms():
+    """EDM's EMA: half-life in images, ramped up as 0.1 x (images seen); Adam's lr ramps up linearly."""
+    from pid_fast.demo.teacher import TeacherOptions
+
+    opt = TeacherOptions(batch_size=64, lr=2e-3, ema_halflife_images=20000.0, ema_rampup_ratio=0.1,
+                         lr_rampup_steps=200)
+    assert opt.ema_rate(0) == pytest.approx(0.5 ** (64 / 6.4))            # after 64 images: half-life 6.4
+    assert opt.ema_rate(9999) == pytest.approx(0.5 ** (64 / 20000.0))     # ramp-up over
+    assert TeacherOptions(ema_rampup_ratio=None).ema_rate(0) == pytest.approx(0.5 ** (64 / 20000.0))
+    assert opt.lr_at(0) == pytest.approx(1e-5) and opt.lr_at(199) == opt.lr_at(5000) == 2e-3
+    with pytest.raises(ValueError, match="augment_shift"):
+        TeacherOptions(augment_shift=-1)
 
 
 def test_train_teacher_bad_input(tmp_path):

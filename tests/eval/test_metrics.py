@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from pid_fast.eval import metrics
-from pid_fast.demo.digits import DEFAULT_FEATURES, load_digits
+from pid_fast.demo.data import load_digits
+from pid_fast.demo.files import DEFAULT_FEATURES
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -271,7 +272,7 @@ def test_cli_fid_checkpoint_with_local_inception(tmp_path, fake_inception):
     """A `pid-fast distill` run folder as SOURCE: its one-step samples are generated and scored."""
     from click.testing import CliRunner
 
-    from pid_fast.train.trainer import train
+    from pid_fast.train import train
 
     cfg = {"device": "cpu", "teacher": {"kind": "gaussian", "mean": 0.0, "std": 0.5},
            "student": {"init": "random", "network": {"name": "tiny-ddpmpp", "model_channels": 8,
