@@ -1,1 +1,8 @@
-"""Evaluation: Frechet distances and features, images, plots, the LPIPS norm."""
+"""Evaluation of students and teachers.
+
+    metrics.py      Frechet distance / KID (clean-fid), Inception and digits features, image folders
+    checkpoints.py  which weights to score (the 'auto' EMA rule) and scoring every checkpoint x weight set
+    images.py       tensors in [-1, 1] to uint8, PNG grids and folders (Pillow)
+    plots.py        loss curve, FD over training, FD against N, sample comparisons (matplotlib)
+    lpips.py        the LPIPS norm (VGG16, average or max pooling) from local weight files
+"""

@@ -10,7 +10,7 @@ import torch
 
 from pid_fast.models.networks import build_network, network_config
 from pid_fast.models.preconditioning import EDMPrecond
-from pid_fast.train.trainer import apply_overrides, load_latest_checkpoint, train
+from pid_fast.train import apply_overrides, load_latest_checkpoint, train
 
 NET = {"name": "tiny-ddpmpp", "model_channels": 16, "channel_mult": [1, 2], "attn_resolutions": [8]}
 

@@ -16,9 +16,8 @@ from click.testing import CliRunner
 from pid_fast.models.preconditioning import EDMPrecond, GaussianDenoiser
 from pid_fast.models.networks import build_network, network_config
 from pid_fast.cli.distill import register
-from pid_fast.train.trainer import (NonFiniteLossError, apply_overrides, atomic_save, list_checkpoints, load_config,
-                               load_latest_checkpoint, load_student, generate, resolve_config, train,
-                               train_local_ddp)
+from pid_fast.train import (NonFiniteLossError, apply_overrides, atomic_save, list_checkpoints, load_config,
+                            load_latest_checkpoint, load_student, generate, resolve_config, train, train_local_ddp)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -167,7 +166,7 @@ def test_unreadable_newest_checkpoint_falls_back(tmp_path):
 _CHILD = """
 import json, sys, torch
 torch.set_num_threads(int(sys.argv[3]))
-from pid_fast.train.trainer import train
+from pid_fast.train import train
 train(json.loads(sys.argv[1]), sys.argv[2])
 """
 
@@ -297,7 +296,7 @@ def test_bf16_and_adam(tmp_path):
 
 
 def test_auto_precision_settings():
-    from pid_fast.train.trainer import resolve_precision
+    from pid_fast.train.builders import resolve_precision
 
     cfg = resolve_config({})
     assert resolve_precision(cfg, torch.device("cuda")) == {"precision": "bf16", "teacher_precision": "bf16",
@@ -443,8 +442,8 @@ def test_cli_distill_and_sample(tmp_path):
 def test_converted_edm_teacher_file(tmp_path):
     """teacher.kind 'edm' reads a file written by `pid-fast convert`; the student starts as an
     exact copy of the teacher's network."""
-    from pid_fast.io.edm_checkpoint import save_checkpoint
-    from pid_fast.train.trainer import build_student, build_teacher
+    from pid_fast.io import save_checkpoint
+    from pid_fast.train.builders import build_student, build_teacher
 
     net_cfg = network_config(**COND_NET)
     torch.manual_seed(3)

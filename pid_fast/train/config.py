@@ -1,0 +1,247 @@
+"""The trainer's config: the defaults, a file and ``--set`` overrides over them, and validation.
+
+A config is a plain dict (the checkpoint stores it, ``config.json`` shows it); ``resolve_config``
+merges it over DEFAULT_CONFIG and checks every value through pid_fast/checks.py, naming the key.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from typing import Any, Mapping, Optional
+
+from pid_fast.checks import LOSS_NORMS, check_choice, check_grid, check_int, check_norm, check_positive, is_number
+from pid_fast.loss import TEACHER_PRECISIONS
+from pid_fast.models.preconditioning import PRECONDITIONINGS
+
+__all__ = ["DEFAULT_CONFIG", "RESUMABLE_CHANGES", "TEACHER_KEYS", "load_config", "apply_overrides",
+           "resolve_config", "check_resume_config"]
+
+DEFAULT_CONFIG: dict[str, Any] = {
+    "seed": 0,
+    "device": "auto",                # auto | cpu | cuda
+    # kind "edm": {"path": converted .safetensors or EDM .pkl, "key": "ema"}
+    # kind "network": a freshly initialised network {"network", "precond", "seed", "use_fp16"}
+    # kind "gaussian": the exact denoiser of N(mean, std^2) {"mean", "std", "label_dim"}
+    "teacher": {"kind": "network", "network": "tiny-ddpmpp", "precond": "edm", "seed": 0, "use_fp16": False},
+    # init "teacher": a copy of the teacher's network (PID); "random": fresh weights (seed).
+    # network null: the teacher's architecture.
+    "student": {"init": "teacher", "network": None, "dropout": 0.0, "seed": 1},
+    "loss": {"N": 250, "sigma_min": 0.002, "sigma_max": 80.0, "rho": 7.0, "norm": "l2", "huber_c": None,
+             "lpips_weights": None, "lpips_net": "vgg", "lpips_resize": 224, "backend": None, "batched": True,
+             # auto: bf16 autocast when the student runs in bf16, else the teacher's own dtype;
+             # null: the teacher's own dtype; fp32 | bf16 (see PIDLoss)
+             "teacher_precision": "auto"},
+    "optimizer": {"name": "radam", "lr": 2e-4, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0},
+    "ema_rates": [0.999, 0.9999, 0.99995],
+    "batch_size": 512,               # global batch (all ranks and accumulation rounds)
+    "accum": 1,                      # gradient accumulation rounds per step
+    "precision": "auto",             # fp32 | bf16 (autocast of the student) | auto: bf16 on CUDA, fp32 on CPU
+    "channels_last": "auto",         # true | false | auto: true on CUDA (networks and teacher)
+    "compile": False,                # torch.compile the step's forward: false | true (inductor) | a backend name
+    "clip_grad_norm": None,
+    "total_steps": 800000,
+    "log_every": 100,
+    "checkpoint_every": 5000,
+    "keep_checkpoints": 2,           # newest checkpoints kept (0: all)
+    "snapshot_every": 5000,          # PNG grid of one-step samples from fixed noise (0: never)
+    "snapshot_num": 64,
+    "progress": True,
+}
+
+# Keys that may change when a run is resumed; every other difference is refused.
+RESUMABLE_CHANGES = ("total_steps", "log_every", "checkpoint_every", "keep_checkpoints", "snapshot_every",
+                     "snapshot_num", "progress", "device", "channels_last", "compile")
+
+# The keys of config['teacher'] for each teacher kind.
+TEACHER_KEYS = {"edm": {"kind", "path", "key"},
+                "network": {"kind", "network", "precond", "seed", "use_fp16", "precond_kwargs"},
+                "gaussian": {"kind", "mean", "std", "label_dim"}}
+
+
+def load_config(path: str | os.PathLike) -> dict:
+    """A config file (.json, or .yaml/.yml when PyYAML is installed) as a dict."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config: no such file: {path!r}")
+    with open(path) as f:
+        text = f.read()
+    if path.endswith((".yaml", ".yml")):
+        try:
+            import yaml
+        except ImportError:
+            raise ValueError(f"config: {path!r} is YAML but PyYAML is not installed; pip install pyyaml "
+                             f"or use a .json config") from None
+        data = yaml.safe_load(text)
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"config: {path!r} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"config: {path!r} must hold a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def _parse_value(text: str) -> Any:
+    """An override's value: JSON when it parses, else the string itself."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _parse_overrides(overrides) -> list[tuple[str, Any]]:
+    """(dotted key, value) pairs from a mapping or from "a.b=value" strings."""
+    if isinstance(overrides, Mapping):
+        return list(overrides.items())
+    parsed = []
+    for item in overrides:
+        if not isinstance(item, str) or "=" not in item:
+            raise ValueError(f"override {item!r} must have the form key=value (e.g. optimizer.lr=1e-4)")
+        key, value = item.split("=", 1)
+        parsed.append((key.strip(), _parse_value(value.strip())))
+    return parsed
+
+
+def apply_overrides(config: Mapping[str, Any], overrides) -> dict:
+    """``config`` with overrides applied: a mapping of dotted keys, or "a.b=value" strings
+    (value parsed as JSON when it parses, else kept as a string)."""
+    config = copy.deepcopy(dict(config))
+    for key, value in _parse_overrides(overrides):
+        parts = key.split(".")
+        node = config
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[parts[-1]] = value
+    return config
+
+
+def _merge(defaults: Mapping, user: Mapping, where: str) -> dict:
+    """``user`` over ``defaults``, recursively; an unknown key is an error."""
+    out = copy.deepcopy(dict(defaults))
+    for key, value in user.items():
+        if isinstance(key, str) and key.startswith("_"):
+            continue  # "_comment" and the like
+        if key not in defaults:
+            raise ValueError(f"config: unknown key {where + key!r}; known keys: {sorted(defaults)}")
+        if key == "teacher":
+            out[key] = copy.deepcopy(value)  # replaced whole: its keys depend on its kind
+        elif isinstance(defaults[key], dict) and isinstance(value, Mapping):
+            out[key] = _merge(defaults[key], value, f"{where}{key}.")
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _name(key: str) -> str:
+    """How an error message names a (dotted) config key."""
+    return f"config[{key!r}]"
+
+
+def _need(cond: bool, key: str, expected: str, value: Any) -> None:
+    """A rule of the config's own (one that no other layer has)."""
+    if not cond:
+        raise ValueError(f"{_name(key)} must be {expected}, got {value!r}")
+
+
+def resolve_config(config: Optional[Mapping[str, Any]] = None) -> dict:
+    """The full, validated config: ``config`` over DEFAULT_CONFIG. Raises ValueError naming
+    the key for an unknown key or a bad value."""
+    if config is not None and not isinstance(config, Mapping):
+        raise TypeError(f"config must be a mapping, got {type(config).__name__}")
+    cfg = _merge(DEFAULT_CONFIG, config or {}, "")
+    _check_run(cfg)
+    _check_optimizer(cfg["optimizer"])
+    _check_loss(cfg["loss"])
+    _check_teacher(cfg["teacher"])
+    _check_student(cfg["student"], cfg["teacher"])
+    return cfg
+
+
+def _check_run(cfg: Mapping[str, Any]) -> None:
+    """The top-level keys: seed, device, batch and step counts, precision, EMA rates."""
+    check_int(cfg["seed"], _name("seed"), 0)
+    check_choice(cfg["device"], _name("device"), ("auto", "cpu", "cuda"))
+    for key in ("batch_size", "accum", "total_steps", "log_every", "checkpoint_every", "snapshot_num"):
+        check_int(cfg[key], _name(key), 1)
+    check_int(cfg["keep_checkpoints"], _name("keep_checkpoints"), 0)
+    check_int(cfg["snapshot_every"], _name("snapshot_every"), 0)
+    check_choice(cfg["precision"], _name("precision"), ("auto", "fp32", "bf16"))
+    check_choice(cfg["channels_last"], _name("channels_last"), ("auto", True, False))
+    _need(isinstance(cfg["compile"], (bool, str)) and cfg["compile"] != "", "compile",
+          "false, true or a torch.compile backend name (e.g. 'inductor', 'aot_eager')", cfg["compile"])
+    check_positive(cfg["clip_grad_norm"], _name("clip_grad_norm"), allow_none=True)
+    _need(isinstance(cfg["progress"], bool), "progress", "a bool", cfg["progress"])
+    rates = cfg["ema_rates"]
+    _need(isinstance(rates, list) and all(is_number(r) and 0 < r < 1 for r in rates)
+          and len(set(rates)) == len(rates), "ema_rates", "a list of distinct numbers in (0, 1)", rates)
+
+
+def _check_optimizer(opt: Mapping[str, Any]) -> None:
+    check_choice(opt["name"], _name("optimizer.name"), ("radam", "adam"))
+    check_positive(opt["lr"], _name("optimizer.lr"))
+    check_positive(opt["eps"], _name("optimizer.eps"))
+    check_positive(opt["weight_decay"], _name("optimizer.weight_decay"), allow_zero=True)
+    betas = opt["betas"]
+    _need(isinstance(betas, (list, tuple)) and len(betas) == 2 and all(is_number(b) and 0 <= b < 1 for b in betas),
+          "optimizer.betas", "two numbers in [0, 1)", betas)
+
+
+def _check_loss(loss: Mapping[str, Any]) -> None:
+    check_grid(loss["N"], loss["sigma_min"], loss["sigma_max"], loss["rho"], where="config: loss.",
+               num_points_name="N")
+    norm = check_choice(loss["norm"], _name("loss.norm"), LOSS_NORMS)
+    # huber_c > 0 with 'huber' and null otherwise. The LPIPS network is only built later, from
+    # lpips_weights: a stand-in callable passes the "lpips needs a callable" half of the rule.
+    check_norm(norm, loss["huber_c"], norms=LOSS_NORMS, lpips=_lpips_stand_in if norm == "lpips" else None,
+               where="config: loss.")
+    if norm == "lpips":
+        _need(isinstance(loss["lpips_weights"], str), "loss.lpips_weights",
+              "the path of the LPIPS backbone weights (norm 'lpips')", loss["lpips_weights"])
+    check_choice(loss["backend"], _name("loss.backend"), (None, "reference", "cpu", "cuda", "triton"))
+    _need(isinstance(loss["batched"], bool), "loss.batched", "a bool", loss["batched"])
+    check_choice(loss["teacher_precision"], _name("loss.teacher_precision"), ("auto", *TEACHER_PRECISIONS))
+
+
+def _lpips_stand_in(pred, target):  # pragma: no cover - never called
+    raise NotImplementedError
+
+
+def _check_teacher(teacher: Any) -> None:
+    kind = teacher.get("kind") if isinstance(teacher, dict) else teacher
+    _need(isinstance(teacher, dict) and kind in TEACHER_KEYS, "teacher.kind", f"one of {sorted(TEACHER_KEYS)}", kind)
+    extra = set(teacher) - TEACHER_KEYS[kind]
+    if extra:
+        raise ValueError(f"config: unknown key(s) {sorted('teacher.' + k for k in extra)} for teacher kind "
+                         f"{kind!r}; known: {sorted(TEACHER_KEYS[kind])}")
+    if kind == "edm":
+        _need(isinstance(teacher.get("path"), str), "teacher.path", "the path of the teacher checkpoint",
+              teacher.get("path"))
+    elif kind == "network":
+        check_choice(teacher.get("precond", "edm"), _name("teacher.precond"), sorted(PRECONDITIONINGS))
+        _need(teacher.get("network") is not None, "teacher.network", "a network name or config", None)
+
+
+def _check_student(student: Mapping[str, Any], teacher: Mapping[str, Any]) -> None:
+    check_choice(student["init"], _name("student.init"), ("teacher", "random"))
+    check_positive(student["dropout"], _name("student.dropout"), allow_zero=True, allow_none=True)
+    check_int(student["seed"], _name("student.seed"), 0)
+    if teacher["kind"] == "gaussian":
+        _need(student["network"] is not None, "student.network",
+              "a network name or config (the gaussian teacher has no network)", None)
+        _need(student["init"] == "random", "student.init", "'random' with a gaussian teacher", student["init"])
+
+
+def check_resume_config(stored: Mapping[str, Any], cfg: Mapping[str, Any]) -> dict:
+    """``cfg`` for resuming a run whose checkpoint holds ``stored``: only RESUMABLE_CHANGES may
+    differ."""
+    diffs = [k for k in cfg if k not in RESUMABLE_CHANGES and cfg[k] != stored.get(k)]
+    if diffs:
+        detail = "; ".join(f"{k}: {stored.get(k)!r} (checkpoint) vs {cfg[k]!r} (now)" for k in diffs)
+        raise ValueError(f"cannot resume: the config differs from the checkpoint's in {detail}. Only "
+                         f"{', '.join(RESUMABLE_CHANGES)} may change on resume.")
+    return dict(cfg)

@@ -1,0 +1,372 @@
+"""The training loop: ``train(config, run_dir)`` runs PID distillation as configured.
+
+One step is the data path (``_Run.train_step``):
+
+    draw the step's inputs (noise z, grid indices i, class labels) from (seed, step)
+    -> for each accumulation round, this rank's rows of them:
+         PIDLoss: the student at t and t2 as one batch of 2B -> assemble -> teacher
+                  -> residual and loss (one fused pass)
+         -> backward (DDP all-reduces the gradients on the last round only)
+    -> clip -> optimizer -> EMA
+
+and at log/checkpoint steps only (``_Run.sync_point``): read the loss window, stop on a
+non-finite loss, log, checkpoint, snapshot.
+
+Determinism. The random inputs of step s (the noise z, the grid indices i and the class
+labels of the whole global batch) are drawn from a generator seeded with (seed, s), and each
+rank / accumulation round takes its slice of them. Hence
+- a resumed run sees exactly the inputs the uninterrupted run would have seen, and with the
+  model, EMAs, optimizer and RNG states restored from the checkpoint it ends with
+  bit-identical parameters on the CPU;
+- W processes with accumulation A compute the gradient of the same global batch as one
+  process (up to the summation order of the all-reduce).
+
+Host syncs. The loop never reads the loss on every step: losses and the first non-finite
+step are accumulated on the device (``_LossWindow``) and read every ``log_every`` steps and
+before every checkpoint, so a checkpoint is only written after the check passed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from typing import Any, Mapping, NamedTuple, Optional
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from pid_fast.eval.images import save_image_grid
+from pid_fast.models.preconditioning import Preconditioning
+from pid_fast.sampling import seeded_latents, student_sample
+from pid_fast.train.builders import (build_loss, build_optimizer, build_student, build_teacher, given_teacher,
+                                     resolve_precision, student_metadata)
+from pid_fast.train.checkpoint import (CHECKPOINT_FORMAT, checkpoint_path, load_latest_checkpoint,
+                                       remove_stale_temporaries, rng_state, save_checkpoint, seed_rngs,
+                                       set_rng_state)
+from pid_fast.train.config import check_resume_config, resolve_config
+from pid_fast.train.distributed import (DistContext, all_gather_objects, all_reduce_min, all_reduce_sum, barrier,
+                                        grad_sync, process_group, wrap_ddp)
+from pid_fast.train.ema import EMA
+
+__all__ = ["train", "NonFiniteLossError"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; training stopped without writing a checkpoint."""
+
+    def __init__(self, step: int, value: float, last_checkpoint: Optional[str]):
+        self.step, self.value, self.last_checkpoint = step, value, last_checkpoint
+        kept = (f"the last good checkpoint is {last_checkpoint}" if last_checkpoint
+                else "no checkpoint had been written yet")
+        super().__init__(f"non-finite loss ({value}) at step {step}: training stopped; {kept}. Lower the "
+                         f"learning rate, enable clip_grad_norm or use precision='fp32', then resume.")
+
+
+def train(config: Optional[Mapping[str, Any]], run_dir: str | os.PathLike, *, resume: bool = False,
+          teacher: Optional[Preconditioning] = None) -> dict:
+    """Run PID distillation as configured (see DEFAULT_CONFIG) in ``run_dir``.
+
+    resume: continue from the newest checkpoint of ``run_dir`` (a fresh start when there is
+    none). teacher: a teacher object to use instead of building config['teacher'] (the config
+    still describes the student). Under torchrun (WORLD_SIZE > 1) or an initialised process
+    group, trains with DDP. Returns a summary dict (step, loss, images_per_s, checkpoint).
+    Raises NonFiniteLossError when the loss stops being finite.
+    """
+    cfg = resolve_config(config)
+    run_dir = os.fspath(run_dir)
+    with process_group(cfg["device"]) as ctx, _flush_denormals(ctx.device):
+        return _Run(cfg, run_dir, ctx, resume, teacher).run()
+
+
+@contextlib.contextmanager
+def _flush_denormals(device: torch.device):
+    """On the CPU, denormal floats are flushed to zero while training (they slow CPUs ~10x)."""
+    enabled = device.type == "cpu" and torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        if enabled:
+            torch.set_flush_denormal(False)
+
+
+# --------------------------------------------------------------------------------------------
+# The step's inputs: a function of (seed, step) only
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The seed of step ``step``'s inputs (a mix of the run's seed and the step)."""
+    return (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + 1) % (1 << 63)
+
+
+def draw_inputs(generator: torch.Generator, seed: int, global_batch: int, shape, num_points: int,
+                label_dim: int, device) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """The random inputs of one step for the whole global batch: latents z ~ N(0, I), grid
+    indices i ~ UniformInt{0..N-1} and uniform one-hot class labels (None if unconditional)."""
+    generator.manual_seed(seed)
+    noise = torch.randn((global_batch, *shape), generator=generator, device=device)
+    grid_indices = torch.randint(0, num_points, (global_batch,), generator=generator, device=device)
+    labels = None
+    if label_dim:
+        classes = torch.randint(0, label_dim, (global_batch,), generator=generator, device=device)
+        labels = F.one_hot(classes, label_dim).float()
+    return noise, grid_indices, labels
+
+
+def _per_round_batch(global_batch: int, world_size: int, accum_rounds: int) -> int:
+    """Rows per process and accumulation round."""
+    if global_batch % (world_size * accum_rounds):
+        raise ValueError(f"config['batch_size'] ({global_batch}) must be divisible by world_size x accum "
+                         f"({world_size} x {accum_rounds})")
+    return global_batch // (world_size * accum_rounds)
+
+
+def _step_forward(loss_fn: nn.Module, model: nn.Module, sigma_max: float, compile_cfg: Any, world_size: int):
+    """(model, loss_forward): the student as the loss calls it, and (noise z, labels, grid
+    indices) -> the loss of those rows, compiled as config['compile'] says."""
+    backend = None if compile_cfg is False else ("inductor" if compile_cfg is True else compile_cfg)
+    if backend is not None and world_size > 1:  # DDP's bucketing needs the compiled frame to be its own module
+        model = torch.compile(model, backend=backend)
+
+    def loss_forward(noise, labels, grid_indices):
+        # The student's input is n = T z; PIDLoss runs the student (2B), assemble, teacher, residual, norm.
+        return loss_fn(model, noise * sigma_max, labels, indices=grid_indices)
+
+    if backend is not None and world_size == 1:  # the whole forward: student, fused ops and teacher in one graph
+        loss_forward = torch.compile(loss_forward, backend=backend)
+    return model, loss_forward
+
+
+# --------------------------------------------------------------------------------------------
+# Device-side loss accumulators
+
+
+class _WindowStats(NamedTuple):
+    loss: float                # mean loss over the window's steps and all ranks
+    images_per_s: float
+    bad_step: Optional[int]    # the first step whose loss was not finite (None: all finite)
+    bad_loss: float
+
+
+class _LossWindow:
+    """The steps since the last sync point, summed on the device: the loss, and the first step
+    whose loss was not finite with that loss. ``add`` never waits for the device; ``read``
+    does (it is the loop's only host sync)."""
+
+    NONE = 1 << 62  # first_bad_step when every loss was finite
+
+    def __init__(self, step: int, device: torch.device):
+        self.first_bad_step = torch.full((), self.NONE, dtype=torch.int64, device=device)
+        self.bad_loss = torch.zeros((), dtype=torch.float32, device=device)
+        self.step = torch.full((), step, dtype=torch.int64, device=device)
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.num_steps, self.start_time = 0, time.perf_counter()
+
+    def add(self, step_loss: torch.Tensor) -> None:
+        self.step += 1
+        is_bad = ~torch.isfinite(step_loss) & (self.first_bad_step == self.NONE)
+        self.first_bad_step = torch.where(is_bad, self.step, self.first_bad_step)
+        self.bad_loss = torch.where(is_bad, step_loss, self.bad_loss)
+        self.loss_sum += step_loss
+        self.num_steps += 1
+
+    def read(self, ctx: DistContext, global_batch: int) -> _WindowStats:
+        sums = torch.stack([self.loss_sum, self.bad_loss.double()])
+        first_bad = self.first_bad_step.clone()
+        all_reduce_sum(sums, ctx)
+        all_reduce_min(first_bad, ctx)
+        bad_step = int(first_bad)
+        elapsed = time.perf_counter() - self.start_time
+        return _WindowStats(loss=float(sums[0]) / (self.num_steps * ctx.world_size),
+                            images_per_s=self.num_steps * global_batch / max(elapsed, 1e-9),
+                            bad_step=None if bad_step == self.NONE else bad_step, bad_loss=float(sums[1]))
+
+    def reset(self) -> None:
+        self.loss_sum.zero_()
+        self.num_steps, self.start_time = 0, time.perf_counter()
+
+
+# --------------------------------------------------------------------------------------------
+# One run
+
+
+class _Run:
+    """One training run: its config, folder and process; the student, teacher (inside the
+    loss), optimizer and EMAs; and where it stands (step, last checkpoint)."""
+
+    def __init__(self, cfg: dict, run_dir: str, ctx: DistContext, resume: bool,
+                 teacher: Optional[Preconditioning]):
+        self.run_dir, self.ctx = run_dir, ctx
+        self.global_batch, self.accum_rounds = cfg["batch_size"], cfg["accum"]
+        self.per_round_batch = _per_round_batch(self.global_batch, ctx.world_size, self.accum_rounds)
+        self._prepare_run_dir()
+        found = load_latest_checkpoint(run_dir) if resume else None
+        self.last_checkpoint, checkpoint = found or (None, None)
+        self.cfg = cfg if checkpoint is None else check_resume_config(checkpoint["config"], cfg)
+        self._build(teacher)
+        self.step = self._restore(checkpoint)
+        del found, checkpoint  # (the loaded state's memory is free before training starts)
+        self.model, self.loss_forward = _step_forward(
+            self.loss_fn, wrap_ddp(self.net, ctx), float(self.cfg["loss"]["sigma_max"]), self.cfg["compile"],
+            ctx.world_size)
+        self.log_path = os.path.join(run_dir, "log.jsonl")
+        if ctx.rank == 0:
+            with open(os.path.join(run_dir, "config.json"), "w") as f:
+                json.dump(self.cfg, f, indent=2)
+        # Fixed noise for the snapshots (per-seed generators: independent of the training RNG).
+        self.snapshot_noise, self.snapshot_labels = seeded_latents(
+            range(self.cfg["snapshot_num"]), self.image_shape, self.label_dim, device=ctx.device)
+        self.last_log = {"loss": None, "images_per_s": None}
+
+    def _prepare_run_dir(self) -> None:
+        if self.ctx.rank == 0:
+            os.makedirs(self.run_dir, exist_ok=True)
+            remove_stale_temporaries(self.run_dir)
+        barrier(self.ctx)
+
+    def _build(self, teacher: Optional[Preconditioning]) -> None:
+        """The teacher, the student, the loss, the optimizer and the EMAs."""
+        cfg, device = self.cfg, self.ctx.device
+        if teacher is not None:
+            teacher, teacher_net = given_teacher(teacher, cfg["teacher"], device)
+        else:
+            teacher, teacher_net = build_teacher(cfg["teacher"], device)
+        net, net_cfg = build_student(cfg["student"], teacher, teacher_net, device)
+        modes = resolve_precision(cfg, device)
+        if modes["channels_last"]:  # (the fused ops take any layout; convolutions prefer NHWC)
+            net = net.to(memory_format=torch.channels_last)
+            teacher = teacher.to(memory_format=torch.channels_last)
+        self.net, self.precision = net, modes["precision"]
+        self.loss_fn = build_loss(cfg["loss"], teacher, device, modes["teacher_precision"])
+        self.optimizer = build_optimizer(net.parameters(), cfg["optimizer"], device)
+        self.ema = EMA(net, cfg["ema_rates"])
+        self.student_meta = student_metadata(net_cfg, teacher, cfg["loss"], self.loss_fn.sigma_data)
+        self.label_dim, self.image_shape = self.student_meta["label_dim"], tuple(self.student_meta["shape"])
+
+    def _restore(self, checkpoint: Optional[Mapping[str, Any]]) -> int:
+        """The step to start from: the checkpoint's, with the student, EMAs, optimizer and this
+        rank's RNG state restored; or 0, with the RNGs seeded with seed + rank."""
+        if checkpoint is None:
+            seed_rngs(self.cfg["seed"] + self.ctx.rank)
+            return 0
+        self.net.load_state_dict(checkpoint["model"])
+        self.ema.load_state_dict(checkpoint["ema"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        states = checkpoint["rng"]
+        set_rng_state(states[self.ctx.rank] if self.ctx.rank < len(states) else states[0], self.ctx.device)
+        return int(checkpoint["step"])
+
+    # ---- the loop
+
+    def run(self) -> dict:
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        self.progress_bar = tqdm(total=cfg["total_steps"], initial=self.step, unit="step", dynamic_ncols=True,
+                                 disable=not cfg["progress"] or self.ctx.rank != 0, desc="pid distill")
+        if self.step == 0 and self.last_checkpoint is None:
+            self.snapshot(0)
+        window = _LossWindow(self.step, self.ctx.device)
+        generator = torch.Generator(self.ctx.device)
+        while self.step < cfg["total_steps"]:
+            window.add(self.train_step(generator))
+            self.step += 1
+            self.progress_bar.update(1)
+            final = self.step == cfg["total_steps"]
+            do_checkpoint = self.step % cfg["checkpoint_every"] == 0 or final
+            if self.step % cfg["log_every"] == 0 or do_checkpoint:
+                self.sync_point(window, do_checkpoint, final)
+            elif self._snapshot_due(final):
+                self.snapshot(self.step)
+        self.progress_bar.close()
+        barrier(self.ctx)
+        return {"step": self.step, "loss": self.last_log["loss"], "images_per_s": self.last_log["images_per_s"],
+                "checkpoint": self.last_checkpoint, "run_dir": self.run_dir}
+
+    def train_step(self, generator: torch.Generator) -> torch.Tensor:
+        """One optimizer step on the global batch of ``self.step``; returns its loss as a device
+        tensor (no host sync)."""
+        cfg, accum_rounds = self.cfg, self.accum_rounds
+        noise, grid_indices, labels = draw_inputs(generator, step_seed(cfg["seed"], self.step), self.global_batch,
+                                                  self.image_shape, cfg["loss"]["N"], self.label_dim, self.ctx.device)
+        step_loss = torch.zeros((), dtype=torch.float32, device=self.ctx.device)
+        for round_index in range(accum_rounds):
+            rows = self._rows(round_index)
+            with grad_sync(self.model, self.ctx, sync=round_index == accum_rounds - 1):
+                with self._autocast():
+                    loss = self.loss_forward(noise[rows], None if labels is None else labels[rows], grid_indices[rows])
+                (loss / accum_rounds).backward()
+            step_loss += loss.detach().float() / accum_rounds
+        if cfg["clip_grad_norm"] is not None:
+            nn.utils.clip_grad_norm_(self.net.parameters(), cfg["clip_grad_norm"])
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.ema.update(self.net)
+        return step_loss
+
+    def _rows(self, round_index: int) -> slice:
+        """This rank's rows of the global batch in accumulation round ``round_index``: the batch is
+        cut into accum_rounds x world_size blocks of per_round_batch rows, round-major."""
+        block = round_index * self.ctx.world_size + self.ctx.rank
+        return slice(block * self.per_round_batch, (block + 1) * self.per_round_batch)
+
+    def _autocast(self):
+        if self.precision == "bf16":
+            return torch.autocast(self.ctx.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # ---- sync points: log, checkpoint, snapshot
+
+    def sync_point(self, window: _LossWindow, do_checkpoint: bool, final: bool) -> None:
+        """Read the loss window (the host sync), stop on a non-finite loss, then log, write a
+        checkpoint when due and a snapshot when due."""
+        stats = window.read(self.ctx, self.global_batch)
+        if stats.bad_step is not None:
+            self.progress_bar.close()
+            self._log({"step": stats.bad_step, "event": "non-finite loss", "last_checkpoint": self.last_checkpoint})
+            raise NonFiniteLossError(stats.bad_step, stats.bad_loss, self.last_checkpoint)
+        self.last_log = {"loss": stats.loss, "images_per_s": stats.images_per_s}
+        self.progress_bar.set_postfix(loss=f"{stats.loss:.4g}", img_s=f"{stats.images_per_s:.1f}")
+        self._log({"step": self.step, "loss": stats.loss, "images_per_s": stats.images_per_s,
+                   "lr": self.optimizer.param_groups[0]["lr"], "time": time.time()})
+        if do_checkpoint:
+            self.last_checkpoint = self.save_checkpoint()
+        if self._snapshot_due(final):
+            self.snapshot(self.step)
+        window.reset()
+
+    def _log(self, record: Mapping[str, Any]) -> None:
+        """One line of log.jsonl (rank 0)."""
+        if self.ctx.rank == 0:
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def save_checkpoint(self) -> str:
+        """The checkpoint of this step, written by rank 0 with every rank's RNG state; its path."""
+        rng_states = all_gather_objects(rng_state(self.ctx.device), self.ctx)
+        if self.ctx.rank == 0:
+            save_checkpoint(self.run_dir, self.step, {
+                "format": CHECKPOINT_FORMAT, "step": self.step, "config": self.cfg, "world_size": self.ctx.world_size,
+                "student": self.student_meta, "model": self.net.state_dict(), "ema": self.ema.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "rng": rng_states}, keep=self.cfg["keep_checkpoints"])
+        return checkpoint_path(self.run_dir, self.step)
+
+    def _snapshot_due(self, final: bool) -> bool:
+        every = self.cfg["snapshot_every"]
+        return bool(every) and (self.step % every == 0 or final)
+
+    def snapshot(self, at_step: int) -> None:
+        """A PNG grid of one-step samples from the fixed snapshot noise (rank 0)."""
+        if self.ctx.rank != 0 or not self.cfg["snapshot_every"]:
+            return
+        loss_cfg = self.cfg["loss"]
+        self.net.eval()
+        with torch.no_grad():
+            x = student_sample(self.net, self.snapshot_noise, self.snapshot_labels, sigma_min=loss_cfg["sigma_min"],
+                               sigma_max=loss_cfg["sigma_max"], sigma_data=self.loss_fn.sigma_data,
+                               noise_labels=self.loss_fn.noise_labels)
+        self.net.train()
+        if x.shape[1] in (1, 3):
+            save_image_grid(x, os.path.join(self.run_dir, f"samples-{at_step:09d}.png"))
