@@ -120,7 +120,8 @@ def build_loss(lcfg: Mapping[str, Any], teacher: Preconditioning, device: torch.
     if lcfg["norm"] == "lpips":
         from pid_fast.eval.lpips import LPIPSNorm
 
-        lpips = LPIPSNorm(lcfg["lpips_weights"], net=lcfg["lpips_net"], resize=lcfg["lpips_resize"]).to(device)
+        lpips = LPIPSNorm(lcfg["lpips_weights"], net=lcfg["lpips_net"], resize=lcfg["lpips_resize"],
+                          pooling=lcfg["lpips_pooling"], lin_weights=lcfg["lpips_lin_weights"]).to(device)
     return PIDLoss(teacher, N=lcfg["N"], sigma_min=lcfg["sigma_min"], sigma_max=lcfg["sigma_max"],
                    rho=lcfg["rho"], norm=lcfg["norm"], backend=lcfg["backend"], batched=lcfg["batched"],
                    huber_c=lcfg["huber_c"], lpips=lpips, teacher_precision=teacher_precision)

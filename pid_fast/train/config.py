@@ -29,7 +29,10 @@ DEFAULT_CONFIG: dict[str, Any] = {
     # network null: the teacher's architecture.
     "student": {"init": "teacher", "network": None, "dropout": 0.0, "seed": 1},
     "loss": {"N": 250, "sigma_min": 0.002, "sigma_max": 80.0, "rho": 7.0, "norm": "l2", "huber_c": None,
-             "lpips_weights": None, "lpips_net": "vgg", "lpips_resize": 224, "backend": None, "batched": True,
+             "lpips_weights": None, "lpips_net": "vgg", "lpips_resize": 224,
+             # LPIPS pooling: null = "avg" for vgg (the reference's, piq's replace_pooling=True), "max"
+             # for alex/squeeze; lpips_lin_weights: the linear heads file (null: the lpips package's)
+             "lpips_pooling": None, "lpips_lin_weights": None, "backend": None, "batched": True,
              # auto: bf16 autocast when the student runs in bf16, else the teacher's own dtype;
              # null: the teacher's own dtype; fp32 | bf16 (see PIDLoss)
              "teacher_precision": "auto"},
@@ -202,6 +205,9 @@ def _check_loss(loss: Mapping[str, Any]) -> None:
     if norm == "lpips":
         _need(isinstance(loss["lpips_weights"], str), "loss.lpips_weights",
               "the path of the LPIPS backbone weights (norm 'lpips')", loss["lpips_weights"])
+    check_choice(loss["lpips_pooling"], _name("loss.lpips_pooling"), (None, "avg", "max"))
+    _need(loss["lpips_lin_weights"] is None or isinstance(loss["lpips_lin_weights"], str), "loss.lpips_lin_weights",
+          "null or the path of the LPIPS linear-head weights", loss["lpips_lin_weights"])
     check_choice(loss["backend"], _name("loss.backend"), (None, "reference", "cpu", "cuda", "triton"))
     _need(isinstance(loss["batched"], bool), "loss.batched", "a bool", loss["batched"])
     check_choice(loss["teacher_precision"], _name("loss.teacher_precision"), ("auto", *TEACHER_PRECISIONS))
@@ -239,9 +245,22 @@ def _check_student(student: Mapping[str, Any], teacher: Mapping[str, Any]) -> No
 def check_resume_config(stored: Mapping[str, Any], cfg: Mapping[str, Any]) -> dict:
     """``cfg`` for resuming a run whose checkpoint holds ``stored``: only RESUMABLE_CHANGES may
     differ."""
+    stored = _with_keys_added_since(stored)
     diffs = [k for k in cfg if k not in RESUMABLE_CHANGES and cfg[k] != stored.get(k)]
     if diffs:
         detail = "; ".join(f"{k}: {stored.get(k)!r} (checkpoint) vs {cfg[k]!r} (now)" for k in diffs)
         raise ValueError(f"cannot resume: the config differs from the checkpoint's in {detail}. Only "
                          f"{', '.join(RESUMABLE_CHANGES)} may change on resume.")
     return dict(cfg)
+
+
+def _with_keys_added_since(stored: Mapping[str, Any]) -> dict:
+    """A checkpoint's config with the keys added after it was written, set to what that version
+    of pid_fast did (LPIPS with VGG then used max pooling), so old runs resume."""
+    stored = copy.deepcopy(dict(stored))
+    loss = stored.get("loss")
+    if isinstance(loss, dict) and "lpips_pooling" not in loss:
+        old_vgg_lpips = loss.get("norm") == "lpips" and loss.get("lpips_net", "vgg") == "vgg"
+        loss["lpips_pooling"] = "max" if old_vgg_lpips else None
+        loss.setdefault("lpips_lin_weights", None)
+    return stored

@@ -1,0 +1,68 @@
+"""The trainer's LPIPS keys (loss.lpips_pooling, loss.lpips_lin_weights) and resuming runs
+whose checkpoints predate them."""
+
+import pytest
+import torch
+
+from pid_fast.train import apply_overrides, resolve_config, train
+from pid_fast.train.builders import build_loss
+from pid_fast.train.checkpoint import list_checkpoints
+from pid_fast.train.config import check_resume_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+NET = "tiny-ddpmpp"
+
+
+def tiny_config(**over):
+    cfg = {"device": "cpu", "teacher": {"kind": "network", "network": NET, "precond": "edm", "seed": 0},
+           "student": {"init": "random", "network": NET, "seed": 1}, "batch_size": 2, "total_steps": 2,
+           "log_every": 1, "checkpoint_every": 1, "snapshot_every": 0, "progress": False,
+           "ema_rates": [0.9], "optimizer": {"lr": 1e-3}}
+    return apply_overrides(cfg, over)
+
+
+def test_lpips_keys_validated():
+    cfg = resolve_config(tiny_config())
+    assert cfg["loss"]["lpips_pooling"] is None and cfg["loss"]["lpips_lin_weights"] is None
+    with pytest.raises(ValueError, match="loss.lpips_pooling"):
+        resolve_config(tiny_config(**{"loss.lpips_pooling": "mean"}))
+    with pytest.raises(ValueError, match="loss.lpips_lin_weights"):
+        resolve_config(tiny_config(**{"loss.lpips_lin_weights": 3}))
+
+
+@pytest.mark.parametrize("pooling, expected", [(None, "avg"), ("avg", "avg"), ("max", "max")])
+def test_lpips_pooling_reaches_the_norm(tmp_path, pooling, expected):
+    torchvision = pytest.importorskip("torchvision")
+    weights = tmp_path / "vgg16.pth"
+    features = torchvision.models.vgg16(weights=None).features.state_dict()  # (the classifier is unused)
+    torch.save({f"features.{k}": v for k, v in features.items()}, weights)
+    cfg = resolve_config(tiny_config(**{"loss.norm": "lpips", "loss.lpips_weights": str(weights),
+                                        "loss.lpips_pooling": pooling, "loss.lpips_resize": 32}))
+    from pid_fast.train.builders import build_teacher
+
+    teacher, _ = build_teacher(cfg["teacher"], torch.device("cpu"))
+    loss = build_loss(cfg["loss"], teacher, torch.device("cpu"), None)
+    assert loss.lpips.pooling == expected
+
+
+def test_resume_checkpoint_written_before_the_lpips_keys(tmp_path):
+    """A run whose stored config has no lpips_pooling / lpips_lin_weights resumes; an old VGG
+    LPIPS run (max pooling then) is not silently continued with average pooling."""
+    run = tmp_path / "run"
+    cfg = tiny_config()
+    train(cfg, run)
+    path = list_checkpoints(run)[0][1]
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("lpips_pooling", "lpips_lin_weights"):
+        del state["config"]["loss"][key]
+    torch.save(state, path)
+    out = train(apply_overrides(cfg, {"total_steps": 3}), run, resume=True)
+    assert out["step"] == 3
+
+    old = resolve_config(tiny_config(**{"loss.norm": "lpips", "loss.lpips_weights": "vgg.pth"}))
+    stored = {**old, "loss": {k: v for k, v in old["loss"].items() if not k.startswith("lpips_p")}}
+    del stored["loss"]["lpips_lin_weights"]
+    with pytest.raises(ValueError, match="cannot resume.*lpips_pooling"):
+        check_resume_config(stored, old)
+    assert check_resume_config(stored, resolve_config(apply_overrides(old, {"loss.lpips_pooling": "max"})))
