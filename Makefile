@@ -1,33 +1,45 @@
 # pid_fast developer commands. `make test` works on a fresh machine: it creates .venv,
-# installs torch and the other dependencies, builds the extension (CUDA sources included when
-# a toolkit is found) and runs the tests.
+# installs torch, builds the extension (the CUDA sources too when setup.py finds a usable CUDA
+# toolkit: no CUDA_HOME needed), installs the dependencies of every extra and runs the tests.
+# Targets rebuild only what changed: the venv when setup.py/pyproject.toml change, the
+# extension when csrc/, setup.py, build_support/ or a build knob (PID_FAST_CUDA, CUDA_HOME,
+# CUDA_PATH, TORCH_CUDA_ARCH_LIST) change; `make demo` after `make test` reuses the build.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
-CUDA_HOME ?= /usr/local/cuda
 TORCH_CUDA_ARCH_LIST ?= 9.0
 MAX_JOBS ?= 2
-export CUDA_HOME TORCH_CUDA_ARCH_LIST MAX_JOBS
+export TORCH_CUDA_ARCH_LIST MAX_JOBS
 
-.PHONY: venv build test bench cmake-build clean demo
+BUILD_STAMP := $(VENV)/.built
+KNOBS_FILE := $(VENV)/.build-knobs
+BUILD_KNOBS := PID_FAST_CUDA=$(PID_FAST_CUDA) CUDA_HOME=$(CUDA_HOME) CUDA_PATH=$(CUDA_PATH) \
+	TORCH_CUDA_ARCH_LIST=$(TORCH_CUDA_ARCH_LIST)
+BUILD_INPUTS := $(shell find csrc -type f) setup.py build_support/cuda_toolkit.py
+
+.PHONY: venv build test bench cmake-build clean demo FORCE
 
 $(VENV)/.deps: setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q ninja cmake numpy scipy click safetensors tqdm pytest hypothesis \
-		pytest-benchmark clean-fid scikit-learn matplotlib lpips
+	$(PY) -m pip install -q $(TORCH_SPEC) ninja cmake
 	touch $@
 
 venv: $(VENV)/.deps
 
-# The extension links the torch in the venv (--no-build-isolation). Without nvcc at
-# $(CUDA_HOME) the build is CPU-only (PID_FAST_CUDA=auto).
-build: venv
-	@if [ ! -x "$(CUDA_HOME)/bin/nvcc" ]; then echo "no nvcc at $(CUDA_HOME): CPU-only build"; fi
-	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+# Rewritten only when a knob differs from the last build's, so a changed knob rebuilds.
+$(KNOBS_FILE): FORCE | venv
+	@echo '$(BUILD_KNOBS)' | cmp -s - $@ || echo '$(BUILD_KNOBS)' > $@
+
+# The extension links the torch in the venv (--no-build-isolation); '.[all]' installs every
+# extra's dependencies from setup.py. setup.py picks the CUDA toolkit or warns and builds CPU-only.
+$(BUILD_STAMP): $(VENV)/.deps $(KNOBS_FILE) $(BUILD_INPUTS)
+	$(PY) -m pip install -q --no-build-isolation -e '.[all]'
 	$(PY) -c "import pid_fast, json; print(json.dumps(pid_fast.build_info()))"
+	touch $@
+
+build: $(BUILD_STAMP)
 
 # One OpenMP thread in tests: on a busy 2-core machine spinning worker threads slow small ops
 # many times over (timings live in the benchmarks, which use 2 threads).
@@ -43,14 +55,16 @@ bench: build
 		--benchmark-columns=median,rounds --benchmark-json=benchmarks/results/cpu-latest.json
 
 # The same sources through CMake (libpid_fast_C.so, loadable with PID_FAST_LIBRARY=...).
-# With a CUDA build of torch, torch's CMake config needs the CUDA toolkit; the nvidia-* wheels
-# supply what a minimal toolkit lacks (cmake/nvidia_paths.py). CMAKE_CUDA=ON|OFF.
-CMAKE_CUDA ?= $(shell [ -x "$(CUDA_HOME)/bin/nvcc" ] && echo ON || echo OFF)
+# cmake/nvidia_paths.py finds the CUDA toolkit as setup.py does and adds what a minimal toolkit
+# lacks from the nvidia-* wheels. CMAKE_CUDA=auto|ON|OFF: the CUDA kernels when possible,
+# required, never.
+CMAKE_CUDA ?= auto
 cmake-build: venv
+	flags="$$($(PY) cmake/nvidia_paths.py --cuda $(CMAKE_CUDA))" && \
 	$(VENV)/bin/cmake -S . -B build-cmake -DCMAKE_BUILD_TYPE=Release \
 		-DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')" \
-		-DPID_FAST_CUDA=$(CMAKE_CUDA) $$($(PY) cmake/nvidia_paths.py $(CUDA_HOME))
+		$$flags
 	$(VENV)/bin/cmake --build build-cmake -j $(MAX_JOBS)
 
 clean:
-	rm -rf build build-cmake *.egg-info pid_fast/_C*.so
+	rm -rf build build-cmake *.egg-info pid_fast/_C*.so $(BUILD_STAMP) $(KNOBS_FILE)

@@ -1,83 +1,111 @@
 """pip build of pid_fast: the Python package plus the `pid_fast._C` extension.
 
-Build against the torch you already have:  pip install --no-build-isolation .
+Build against the torch you already have (install torch first):
 
-Environment knobs (all optional):
-  PID_FAST_CUDA=auto|0|1   build the CUDA kernels: auto (default) = when torch is a CUDA build
-                           and a CUDA toolkit is found (CUDA_HOME / nvcc); 0 = CPU only;
-                           1 = required (fail if no toolkit).
+    pip install --no-build-isolation .          # or -e . for development
+
+Plain `pip install .` (build isolation) stops at once with that advice: an isolated build would
+compile against another torch than the one pid_fast runs with.
+
+With no environment variables the CUDA kernels are built when torch is a CUDA build and a usable
+CUDA toolkit is found (build_support/cuda_toolkit.py: $CUDA_HOME / $CUDA_PATH, else the toolkit
+behind `nvcc` on PATH, else /usr/local/cuda; nvcc of torch's CUDA major version, cudart to link,
+the runtime headers); otherwise the build is CPU (+Triton) with one warning line naming what is
+missing (`pip install -v` shows it). Environment knobs (all optional):
+  PID_FAST_CUDA=auto|0|1   the CUDA kernels: when possible (default); never; required (fails in
+                           seconds, before compiling, naming what is missing).
+  CUDA_HOME / CUDA_PATH    the CUDA toolkit to use (the only candidate when set).
   TORCH_CUDA_ARCH_LIST     GPU architectures, e.g. "9.0" (H100/H200) or "8.0;9.0". Without it and
                            without a visible GPU, PID_FAST_DEFAULT_ARCHS is used.
   PID_FAST_DEFAULT_ARCHS   default "8.0;9.0".
-  CUDA_HOME                the CUDA toolkit (e.g. /usr/local/cuda).
   MAX_JOBS                 parallel compile jobs (ninja).
 The include folders of the nvidia-* CUDA wheels in site-packages (cusparse.h, cublas_v2.h, ...)
-are added automatically, so a minimal toolkit with only nvcc is enough.
+are searched after the toolkit's own (-idirafter), so a minimal toolkit with nvcc, the runtime
+headers and cudart is enough, and a wheel's headers of another CUDA release never shadow it.
 """
 
-import glob
 import importlib.util
 import os
-
-from setuptools import find_packages, setup
-from torch.utils import cpp_extension
+import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+NO_TORCH_MESSAGE = """\
+pid_fast: torch is not importable in this build environment.
+pid_fast's C++/CUDA extension must be compiled against the torch it will run with, so it is built
+without build isolation, in an environment that already has torch:
+
+    pip install torch                        # if not installed yet
+    pip install --no-build-isolation .       # (-e . for development)
+"""
 
 
-def nvidia_wheel_includes():
-    spec = importlib.util.find_spec("nvidia")
-    if spec is None or not spec.submodule_search_locations:
-        return []
-    dirs = []
-    for root in spec.submodule_search_locations:
-        dirs += sorted(glob.glob(os.path.join(root, "*", "include")))
-    return dirs
+def load_cuda_toolkit_module():
+    """build_support/cuda_toolkit.py by its path (it is not part of the installed package)."""
+    path = os.path.join(HERE, "build_support", "cuda_toolkit.py")
+    spec = importlib.util.spec_from_file_location("pid_fast_build_cuda_toolkit", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
 
 
-def want_cuda():
-    mode = os.environ.get("PID_FAST_CUDA", "auto").lower()
-    if mode not in ("auto", "0", "1"):
-        raise SystemExit(f"PID_FAST_CUDA must be auto, 0 or 1, got {mode!r}")
-    if mode == "0":
-        return False
-    import torch
+def cuda_mode(cuda_toolkit):
+    mode = os.environ.get("PID_FAST_CUDA", "auto").strip().lower()
+    if mode not in cuda_toolkit.MODES:
+        sys.exit(f"pid_fast: PID_FAST_CUDA must be auto, 0 or 1, got {mode!r}")
+    return mode
 
-    have = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
-    if mode == "1" and not have:
-        raise SystemExit(
-            "PID_FAST_CUDA=1 but no CUDA build is possible: torch.version.cuda="
-            f"{torch.version.cuda}, CUDA_HOME={cpp_extension.CUDA_HOME}. Set CUDA_HOME to the "
-            "CUDA toolkit (e.g. /usr/local/cuda) and use a CUDA build of torch.")
-    if not have:
-        print("pid_fast: no CUDA toolkit or CPU-only torch: building the CPU kernels only")
-    return have
+
+# Checked first, in seconds: an isolated build (plain `pip install .`) has no torch here.
+if importlib.util.find_spec("torch") is None:
+    sys.exit(NO_TORCH_MESSAGE)
+
+cuda_toolkit = load_cuda_toolkit_module()
+MODE = cuda_mode(cuda_toolkit)
+
+import torch  # noqa: E402  (torch.utils.cpp_extension is imported only after CUDA_HOME is set)
+
+CHOICE = cuda_toolkit.choose(MODE, torch.version.cuda)
+if CHOICE.build_cuda:
+    os.environ["CUDA_HOME"] = CHOICE.toolkit.root  # read by torch.utils.cpp_extension at import
+elif MODE == "1":
+    sys.exit(cuda_toolkit.failure_message(CHOICE))
+print(cuda_toolkit.summary(CHOICE), file=sys.stderr if MODE == "auto" and not CHOICE.build_cuda else sys.stdout)
+
+from setuptools import find_packages, setup  # noqa: E402
+from torch.utils import cpp_extension  # noqa: E402
+
+if CHOICE.build_cuda and os.path.realpath(cpp_extension.CUDA_HOME or "") != os.path.realpath(CHOICE.toolkit.root):
+    sys.exit(f"pid_fast: torch.utils.cpp_extension was imported before setup.py chose the CUDA toolkit "
+             f"(its CUDA_HOME is {cpp_extension.CUDA_HOME!r}, not {CHOICE.toolkit.root!r})")
 
 
 def extension():
     cxx = ["-O3", "-fopenmp"]  # torch picks the C++ standard it needs
     sources = ["csrc/pid_ops.cpp", "csrc/pid_autograd.cpp", "csrc/cpu/pid_cpu.cpp", "csrc/pymodule.cpp"]
-    if not want_cuda():
+    if not CHOICE.build_cuda:
         return cpp_extension.CppExtension(
             "pid_fast._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
-    import torch
-
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ.get("PID_FAST_DEFAULT_ARCHS", "8.0;9.0")
     archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "native")
     defines = ["-DPID_FAST_WITH_CUDA", f'-DPID_FAST_CUDA_ARCHS="{archs}"']
-    print(f"pid_fast: building CUDA kernels for TORCH_CUDA_ARCH_LIST={archs}")
+    wheel_includes = cuda_toolkit.include_after_toolkit_flags(cuda_toolkit.nvidia_wheel_includes())
+    print(f"pid_fast: CUDA kernels for TORCH_CUDA_ARCH_LIST={archs}")
     return cpp_extension.CUDAExtension(
         "pid_fast._C",
         sources + ["csrc/cuda/pid_cuda_kernels.cu", "csrc/cuda/pid_cuda.cpp"],
-        include_dirs=nvidia_wheel_includes(),
         extra_compile_args={
-            "cxx": cxx + defines,
-            "nvcc": ["-O3", "--use_fast_math", "-lineinfo"] + defines,
+            "cxx": cxx + defines + wheel_includes["cxx"],
+            "nvcc": ["-O3", "--use_fast_math", "-lineinfo"] + defines + wheel_includes["nvcc"],
         },
         extra_link_args=["-fopenmp"],
     )
 
+
+EVAL = ["clean-fid", "scikit-learn", "matplotlib", "torchvision"]
+LPIPS = ["torchvision"]
+TEST = ["pytest", "hypothesis", "pytest-benchmark", "piq>=0.8", "lpips"]
 
 setup(
     name="pid_fast",
@@ -86,10 +114,12 @@ setup(
     packages=find_packages(include=["pid_fast", "pid_fast.*"]),
     package_data={"pid_fast": ["assets/*"]},
     python_requires=">=3.9",
-    install_requires=["torch>=2.4", "numpy", "click", "safetensors", "tqdm"],
+    install_requires=["torch>=2.4", "numpy", "click", "safetensors", "tqdm", "Pillow"],
     extras_require={
-        "eval": ["clean-fid", "scikit-learn", "matplotlib", "lpips", "torchvision"],
-        "test": ["pytest", "hypothesis", "pytest-benchmark"],
+        "eval": EVAL,  # pid-fast fid, demo, train-teacher, train-features
+        "lpips": LPIPS,  # loss.norm = "lpips" (with local weight files)
+        "test": TEST,
+        "all": sorted(set(EVAL + LPIPS + TEST)),
     },
     entry_points={"console_scripts": ["pid-fast = pid_fast.cli:main"]},
     ext_modules=[extension()],
