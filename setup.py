@@ -104,8 +104,8 @@ def extension():
 
 
 EVAL = ["clean-fid", "scikit-learn", "matplotlib", "torchvision"]
-LPIPS = ["torchvision"]
-TEST = ["pytest", "hypothesis", "pytest-benchmark", "piq>=0.8", "lpips"]
+LPIPS = ["lpips"]  # brings torchvision; its vgg.pth is the default LPIPS heads file
+TEST = ["pytest", "hypothesis", "pytest-benchmark", "piq==0.8.0", "lpips"]
 
 setup(
     name="pid_fast",
