@@ -102,13 +102,18 @@ def build_student(scfg: Mapping[str, Any], teacher: Preconditioning, teacher_net
 # Precision, loss, optimizer
 
 
+# precision 'auto' (CPU, CUDA): only a mode whose digits FD stays within 5% of fp32's and whose
+# residual error stays within the bound of benchmarks/results/fd_precision.md (README: Precision).
+AUTO_PRECISION = {False: "fp32", True: "fp32"}
+
+
 def resolve_precision(cfg: Mapping[str, Any], device: torch.device) -> dict:
     """The 'auto' settings made concrete for ``device``: {'precision', 'teacher_precision',
     'channels_last'}."""
-    precision = cfg["precision"] if cfg["precision"] != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    precision = cfg["precision"] if cfg["precision"] != "auto" else AUTO_PRECISION[device.type == "cuda"]
     teacher_precision = cfg["loss"]["teacher_precision"]
-    if teacher_precision == "auto":
-        teacher_precision = "bf16" if precision == "bf16" else None
+    if teacher_precision == "auto":  # the teacher in bf16 when the student's trunk is
+        teacher_precision = "bf16" if precision in ("bf16", "bf16-mixed") else None
     channels_last = cfg["channels_last"] if cfg["channels_last"] != "auto" else device.type == "cuda"
     return {"precision": precision, "teacher_precision": teacher_precision, "channels_last": channels_last}
 

@@ -11,6 +11,7 @@ import json
 import os
 from typing import Any, Mapping, Optional
 
+from pid_fast.models.precision import PRECISION_MODES
 from pid_fast.checks import LOSS_NORMS, check_choice, check_grid, check_int, check_norm, check_positive, is_number
 from pid_fast.loss import TEACHER_PRECISIONS
 from pid_fast.models.preconditioning import PRECONDITIONINGS
@@ -40,7 +41,9 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "ema_rates": [0.999, 0.9999, 0.99995],
     "batch_size": 512,               # global batch (all ranks and accumulation rounds)
     "accum": 1,                      # gradient accumulation rounds per step
-    "precision": "auto",             # fp32 | bf16 (autocast of the student) | auto: bf16 on CUDA, fp32 on CPU
+    # the student's pass (pid_fast.models.precision): fp32 | bf16 | fp16 (+ dynamic loss scaling) |
+    # bf16-mixed | fp16-mixed (16-bit trunk, time path in fp32) | auto (see resolve_precision)
+    "precision": "auto",
     "channels_last": "auto",         # true | false | auto: true on CUDA (networks and teacher)
     "compile": False,                # torch.compile the step's forward: false | true (inductor) | a backend name
     "clip_grad_norm": None,
@@ -173,7 +176,7 @@ def _check_run(cfg: Mapping[str, Any]) -> None:
         check_int(cfg[key], _name(key), 1)
     check_int(cfg["keep_checkpoints"], _name("keep_checkpoints"), 0)
     check_int(cfg["snapshot_every"], _name("snapshot_every"), 0)
-    check_choice(cfg["precision"], _name("precision"), ("auto", "fp32", "bf16"))
+    check_choice(cfg["precision"], _name("precision"), ("auto", *PRECISION_MODES))
     check_choice(cfg["channels_last"], _name("channels_last"), ("auto", True, False))
     _need(isinstance(cfg["compile"], (bool, str)) and cfg["compile"] != "", "compile",
           "false, true or a torch.compile backend name (e.g. 'inductor', 'aot_eager')", cfg["compile"])

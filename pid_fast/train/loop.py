@@ -41,6 +41,7 @@ from torch.nn import functional as F
 from pid_fast.eval.images import save_image_grid
 from pid_fast.models.preconditioning import Preconditioning
 from pid_fast.sampling import seeded_latents, student_sample
+from pid_fast.models.precision import autocast_for, needs_grad_scaler, prepare_network
 from pid_fast.train.builders import (build_loss, build_optimizer, build_student, build_teacher, given_teacher,
                                      resolve_precision, student_metadata)
 from pid_fast.train.checkpoint import (CHECKPOINT_FORMAT, checkpoint_path, load_latest_checkpoint,
@@ -238,7 +239,10 @@ class _Run:
         if modes["channels_last"]:  # (the fused ops take any layout; convolutions prefer NHWC)
             net = net.to(memory_format=torch.channels_last)
             teacher = teacher.to(memory_format=torch.channels_last)
-        self.net, self.precision = net, modes["precision"]
+        self.precision = modes["precision"]
+        self.net = prepare_network(net, self.precision)  # fp32 islands of a mixed mode (before DDP/compile)
+        # fp16 modes: dynamic loss scaling (fp16's range is narrow); None otherwise
+        self.grad_scaler = torch.amp.GradScaler(device.type) if needs_grad_scaler(self.precision) else None
         self.loss_fn = build_loss(cfg["loss"], teacher, device, modes["teacher_precision"])
         self.optimizer = build_optimizer(net.parameters(), cfg["optimizer"], device)
         self.ema = EMA(net, cfg["ema_rates"])
@@ -254,6 +258,8 @@ class _Run:
         self.net.load_state_dict(checkpoint["model"])
         self.ema.load_state_dict(checkpoint["ema"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
+        if self.grad_scaler is not None and "grad_scaler" in checkpoint:
+            self.grad_scaler.load_state_dict(checkpoint["grad_scaler"])
         states = checkpoint["rng"]
         set_rng_state(states[self.ctx.rank] if self.ctx.rank < len(states) else states[0], self.ctx.device)
         return int(checkpoint["step"])
@@ -297,11 +303,9 @@ class _Run:
             with grad_sync(self.model, self.ctx, sync=round_index == accum_rounds - 1):
                 with self._autocast():
                     loss = self.loss_forward(noise[rows], None if labels is None else labels[rows], grid_indices[rows])
-                (loss / accum_rounds).backward()
+                self._backward(loss / accum_rounds)
             step_loss += loss.detach().float() / accum_rounds
-        if cfg["clip_grad_norm"] is not None:
-            nn.utils.clip_grad_norm_(self.net.parameters(), cfg["clip_grad_norm"])
-        self.optimizer.step()
+        self._optimizer_step()
         self.optimizer.zero_grad(set_to_none=True)
         self.ema.update(self.net)
         return step_loss
@@ -313,9 +317,23 @@ class _Run:
         return slice(block * self.per_round_batch, (block + 1) * self.per_round_batch)
 
     def _autocast(self):
-        if self.precision == "bf16":
-            return torch.autocast(self.ctx.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return autocast_for(self.precision, self.ctx.device.type)
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        (loss if self.grad_scaler is None else self.grad_scaler.scale(loss)).backward()
+
+    def _optimizer_step(self) -> None:
+        """Clip (on unscaled gradients) and step; with loss scaling, a step whose gradients
+        overflowed is skipped and the scale lowered (GradScaler)."""
+        if self.grad_scaler is not None:
+            self.grad_scaler.unscale_(self.optimizer)
+        if self.cfg["clip_grad_norm"] is not None:
+            nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg["clip_grad_norm"])
+        if self.grad_scaler is None:
+            self.optimizer.step()
+        else:
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
 
     # ---- sync points: log, checkpoint, snapshot
 
@@ -350,7 +368,9 @@ class _Run:
             save_checkpoint(self.run_dir, self.step, {
                 "format": CHECKPOINT_FORMAT, "step": self.step, "config": self.cfg, "world_size": self.ctx.world_size,
                 "student": self.student_meta, "model": self.net.state_dict(), "ema": self.ema.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "rng": rng_states}, keep=self.cfg["keep_checkpoints"])
+                "optimizer": self.optimizer.state_dict(), "rng": rng_states,
+                **({} if self.grad_scaler is None else {"grad_scaler": self.grad_scaler.state_dict()})},
+                keep=self.cfg["keep_checkpoints"])
         return checkpoint_path(self.run_dir, self.step)
 
     def _snapshot_due(self, final: bool) -> bool:

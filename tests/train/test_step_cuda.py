@@ -1,5 +1,5 @@
-"""The trainer's fast GPU step (precision/channels_last 'auto': bf16 student and teacher,
-NHWC networks; and torch.compile of the student) against the plain fp32 step on the same GPU.
+"""The trainer's fast GPU step (precision 'bf16': bf16 student and teacher; channels_last
+'auto': NHWC networks; and torch.compile of the student) against the plain fp32 step on the same GPU.
 Skipped without a GPU; run by benchmarks/gpu_check.sh."""
 
 import json
@@ -20,7 +20,8 @@ def _losses(run_dir):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("over", [{}, {"compile": True}], ids=["auto", "auto+compile"])
+@pytest.mark.parametrize("over", [{"precision": "bf16"}, {"precision": "bf16", "compile": True}],
+                         ids=["bf16", "bf16+compile"])
 def test_fast_gpu_step_matches_fp32_step(tmp_path, over):
     torch.manual_seed(0)
     teacher = EDMPrecond(build_network(network_config(**NET)))

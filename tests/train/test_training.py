@@ -82,7 +82,7 @@ def test_config_defaults_overrides_and_errors(tmp_path):
     assert resolve_config(load_config(path))["batch_size"] == 8
     for bad, key in [({"batch_sise": 8}, "batch_sise"), ({"optimizer": {"lrr": 1}}, "optimizer.lrr"),
                      ({"optimizer": {"name": "sgd"}}, "optimizer.name"), ({"optimizer": {"lr": -1}}, "optimizer.lr"),
-                     ({"batch_size": 0}, "batch_size"), ({"precision": "fp16"}, "precision"),
+                     ({"batch_size": 0}, "batch_size"), ({"precision": "fp8"}, "precision"),
                      ({"ema_rates": [1.5]}, "ema_rates"), ({"loss": {"norm": "huber"}}, "loss.huber_c"),
                      ({"loss": {"norm": "lpips"}}, "loss.lpips_weights"), ({"loss": {"N": 1}}, "loss.N"),
                      ({"teacher": {"kind": "magic"}}, "teacher.kind"),
@@ -299,7 +299,8 @@ def test_auto_precision_settings():
     from pid_fast.train.builders import resolve_precision
 
     cfg = resolve_config({})
-    assert resolve_precision(cfg, torch.device("cuda")) == {"precision": "bf16", "teacher_precision": "bf16",
+    # auto: fp32 until a 16-bit mode meets the fidelity rule (README: Precision; issue 11)
+    assert resolve_precision(cfg, torch.device("cuda")) == {"precision": "fp32", "teacher_precision": None,
                                                             "channels_last": True}
     assert resolve_precision(cfg, torch.device("cpu")) == {"precision": "fp32", "teacher_precision": None,
                                                            "channels_last": False}
@@ -308,6 +309,8 @@ def test_auto_precision_settings():
                                                             "channels_last": False}
     cfg = resolve_config({"precision": "fp32", "loss": {"teacher_precision": "bf16"}})
     assert resolve_precision(cfg, torch.device("cpu"))["teacher_precision"] == "bf16"
+    for mode, teacher in (("bf16", "bf16"), ("bf16-mixed", "bf16"), ("fp16", None), ("fp16-mixed", None)):
+        assert resolve_precision(resolve_config({"precision": mode}), torch.device("cuda"))["teacher_precision"] == teacher
 
 
 class AutocastRecorder(EDMPrecond):
