@@ -15,7 +15,9 @@ import pickle
 
 import click
 
+
 from pid_fast.cli.requirements import require
+from pid_fast.models.precision import PRECISION_MODES
 
 __all__ = ["distill", "sample", "register"]
 
@@ -83,8 +85,8 @@ def _set_threads(config, threads) -> None:
 @click.option("--batch-size", type=int, default=None, help="Global batch size (all ranks, all accumulation rounds).")
 @click.option("--accum", type=int, default=None, help="Gradient accumulation rounds per step.")
 @click.option("--lr", type=float, default=None, help="Learning rate.")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default=None,
-              help="Student autocast precision (auto: bf16 on CUDA, fp32 on CPU).")
+@click.option("--precision", type=click.Choice(["auto", *PRECISION_MODES]), default=None,
+              help="The student pass's precision (README: Precision; auto: fp32).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None)
 @click.option("--seed", type=int, default=None)
 @click.option("--checkpoint-every", type=int, default=None, help="Write a checkpoint every K steps.")
