@@ -15,7 +15,6 @@ import pickle
 
 import click
 
-
 from pid_fast.cli.requirements import require
 from pid_fast.models.precision import PRECISION_MODES
 
