@@ -2,8 +2,10 @@
 
     distillation.py  one loss call as the data path: grid times -> student (2B) -> assemble ->
                      teacher -> fused residual/norm (or pred/target and LPIPS)
+    derivative.py    the student's F(t), F(t2): two evaluations ("fd") or one plus a JVP ("jvp")
 """
 
+from pid_fast.loss.derivative import DERIVATIVES, student_outputs
 from pid_fast.loss.distillation import (
     NORMS,
     TEACHER_PRECISIONS,
@@ -14,4 +16,4 @@ from pid_fast.loss.distillation import (
 )
 
 __all__ = ["PIDLoss", "pid_distillation_loss", "grid_times", "default_noise_labels", "NORMS",
-           "TEACHER_PRECISIONS"]
+           "TEACHER_PRECISIONS", "DERIVATIVES", "student_outputs"]

@@ -5,7 +5,9 @@ One call, for a batch of B noises n = T z (T = sigma_max), follows the spec step
 
 1. i ~ UniformInt{0..N-1} per sample, i2 = i + 1 (N - 2 at i = N - 1), t = t_i, t2 = t_i2;
 2. the student's raw network F at (c n, c_noise(t)) and (c n, c_noise(t2)), c = 1/sqrt(sd^2 + T^2),
-   as ONE forward of batch 2B (``batched=False``: two forwards);
+   as ONE forward of batch 2B (``batched=False``: two forwards); or, with ``derivative="jvp"``,
+   one forward at t whose forward-mode derivative in c_noise gives F(t2) to first order
+   (derivative.py);
 3. the teacher's input c_in(t) y with y = (t/T) n + (1 - t/T) F(t), by the fused assemble op,
    in the teacher's dtype, detached;
 4. G = F_teacher(c_in y, c_noise(t), labels) without gradient: in the teacher's own dtype with
@@ -27,11 +29,13 @@ import torch
 from torch import nn
 
 from pid_fast.checks import LOSS_NORMS, check_choice, check_grid, check_norm
+from pid_fast.loss.derivative import DERIVATIVES, check_derivative, student_outputs
 from pid_fast.ops import pid_assemble, pid_loss, pid_residual
 from pid_fast.models.preconditioning import DirectDenoiser, Preconditioning, as_denoiser, edm_coefficients
 from pid_fast.sampling import pid_neighbour_index
 
-__all__ = ["PIDLoss", "pid_distillation_loss", "grid_times", "default_noise_labels", "NORMS", "TEACHER_PRECISIONS"]
+__all__ = ["PIDLoss", "pid_distillation_loss", "grid_times", "default_noise_labels", "NORMS", "TEACHER_PRECISIONS",
+           "DERIVATIVES"]
 
 NORMS = LOSS_NORMS
 TEACHER_PRECISIONS = (None, "fp32", "bf16")
@@ -121,7 +125,7 @@ def pid_distillation_loss(student: Callable[..., torch.Tensor], teacher: Any, no
                           indices: Optional[torch.Tensor] = None,
                           generator: Optional[torch.Generator] = None,
                           teacher_precision: Optional[str] = None,
-                          return_times: bool = False):
+                          derivative: str = "fd", return_times: bool = False):
     """The PID loss of each sample, float32 (B,) (float64 for float64 noise), differentiable
     w.r.t. the student's weights.
 
@@ -138,6 +142,10 @@ def pid_distillation_loss(student: Callable[..., torch.Tensor], teacher: Any, no
     teacher_precision: None (the teacher's own dtype, e.g. fp16 for an EDM ``use_fp16`` teacher
         on CUDA), "fp32" (forced), or "bf16" (its network under bf16 autocast: about half the
         teacher's time on tensor-core GPUs, G within bf16 rounding of the fp32 teacher's).
+    derivative: how F(t2) is obtained: "fd" (a second evaluation, the spec) or "jvp" (one
+        evaluation at t plus its forward-mode derivative in c_noise, F(t2) = F(t) + dF/dc_noise
+        (c_noise(t2) - c_noise(t)): no cancellation of rounded outputs, an O(dt) gap to "fd"
+        that vanishes as N grows; see pid_fast.loss.derivative).
     return_times: also return (t, t2).
     """
     if not isinstance(teacher, Preconditioning):
@@ -146,13 +154,15 @@ def pid_distillation_loss(student: Callable[..., torch.Tensor], teacher: Any, no
     _check_norm(norm, huber_c, lpips)
     _check_inputs(student, noise, labels, indices)
     _check_teacher_precision(teacher_precision)
+    check_derivative(derivative)
     if sigma_data is None:
         sigma_data = float(getattr(teacher, "sigma_data", 0.5))
     noise_labels = noise_labels or default_noise_labels(teacher)
 
     t, t2 = _draw_times(noise, num_points, sigma_min, sigma_max, rho, indices, generator)
-    f_t, f_t2 = _student_pair(student, noise, labels, noise_labels(t), noise_labels(t2),
-                              1.0 / math.sqrt(sigma_data ** 2 + sigma_max ** 2), batched)
+    f_t, f_t2 = student_outputs(student, noise, labels, t, t2, noise_labels,
+                                1.0 / math.sqrt(sigma_data ** 2 + sigma_max ** 2),
+                                derivative=derivative, batched=batched)
     coef = teacher.coefficients(t)
     teacher_out = _teacher_output(teacher, noise, f_t, t / sigma_max, coef, labels,
                                   teacher_precision, backend)
@@ -175,26 +185,6 @@ def _draw_times(noise, num_points, sigma_min, sigma_max, rho, indices, generator
     tdtype = torch.float64 if noise.dtype == torch.float64 else torch.float32
     return (grid_times(i, num_points, sigma_min, sigma_max, rho, tdtype),
             grid_times(i2, num_points, sigma_min, sigma_max, rho, tdtype))
-
-
-def _student_pair(student, noise, labels, c_noise_t, c_noise_t2, c, batched):
-    """Step 2: the student's raw outputs F(c n, c_noise(t)) and F(c n, c_noise(t2)): one
-    forward of batch 2B (``batched``), else two forwards of batch B."""
-    B = noise.shape[0]
-    x_in = noise * c
-    c_noise_t, c_noise_t2 = c_noise_t.reshape(B), c_noise_t2.reshape(B)
-    if batched:
-        both_labels = None if labels is None else torch.cat([labels, labels])
-        out = student(torch.cat([x_in, x_in]), torch.cat([c_noise_t, c_noise_t2]), both_labels)
-        if not isinstance(out, torch.Tensor) or out.shape != (2 * B, *noise.shape[1:]):
-            raise ValueError(f"student output must have shape {(2 * B, *noise.shape[1:])}, got "
-                             f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
-        return out[:B], out[B:]
-    f_t, f_t2 = student(x_in, c_noise_t, labels), student(x_in, c_noise_t2, labels)
-    for name, f in (("f_t", f_t), ("f_t2", f_t2)):
-        if not isinstance(f, torch.Tensor) or f.shape != noise.shape:
-            raise ValueError(f"student output ({name}) must have shape {tuple(noise.shape)}")
-    return f_t, f_t2
 
 
 def _teacher_output(teacher, noise, f_t, a, coef, labels, teacher_precision, backend):
@@ -236,7 +226,9 @@ class PIDLoss(nn.Module):
     ``huber_c``) or "lpips" (with ``lpips``, e.g. ``LPIPSNorm(weights=path)``).
     backend: the fused-op backend (None: by device). batched: one student forward of batch 2B
     (False: two forwards of batch B). teacher_precision: None (the teacher's own dtype), "fp32"
-    or "bf16" (the teacher under bf16 autocast; see ``pid_distillation_loss``).
+    or "bf16" (the teacher under bf16 autocast; see ``pid_distillation_loss``). derivative: "fd"
+    (two student evaluations, the spec) or "jvp" (one evaluation and its forward-mode derivative
+    in the noise label; see ``pid_distillation_loss``).
 
     The call returns the mean loss over the batch; the per-sample values of the last call are
     kept (detached) in ``last_per_sample`` and their times in ``last_t``, ``last_t2``.
@@ -248,11 +240,12 @@ class PIDLoss(nn.Module):
                  weighting: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
                  sigma_data: Optional[float] = None,
                  noise_labels: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-                 teacher_precision: Optional[str] = None):
+                 teacher_precision: Optional[str] = None, derivative: str = "fd"):
         super().__init__()
         _check_grid(N, sigma_min, sigma_max, rho)
         _check_norm(norm, huber_c, lpips)
         _check_teacher_precision(teacher_precision)
+        check_derivative(derivative)
         if not isinstance(batched, bool):
             raise TypeError(f"batched must be a bool, got {type(batched).__name__}")
         if weighting is not None and not callable(weighting):
@@ -265,6 +258,7 @@ class PIDLoss(nn.Module):
         self.norm, self.huber_c, self.backend, self.batched = norm, huber_c, backend, batched
         self.weighting = weighting
         self.teacher_precision = teacher_precision
+        self.derivative = derivative
         self.sigma_data = float(sigma_data if sigma_data is not None else getattr(teacher, "sigma_data", 0.5))
         self.noise_labels = noise_labels or default_noise_labels(teacher)
         self.last_per_sample: Optional[torch.Tensor] = None
@@ -283,7 +277,7 @@ class PIDLoss(nn.Module):
             sigma_max=self.sigma_max, rho=self.rho, sigma_data=self.sigma_data, norm=self.norm,
             huber_c=self.huber_c, lpips=self.lpips, weighting=self.weighting, backend=self.backend,
             batched=self.batched, noise_labels=self.noise_labels, indices=indices, generator=generator,
-            teacher_precision=self.teacher_precision, return_times=True)
+            teacher_precision=self.teacher_precision, derivative=self.derivative, return_times=True)
         self.last_per_sample, self.last_t, self.last_t2 = per.detach(), t, t2
         return per
 
@@ -293,4 +287,4 @@ class PIDLoss(nn.Module):
     def extra_repr(self) -> str:
         return (f"N={self.N}, sigma_min={self.sigma_min}, sigma_max={self.sigma_max}, rho={self.rho}, "
                 f"norm={self.norm!r}, backend={self.backend!r}, batched={self.batched}, "
-                f"teacher_precision={self.teacher_precision!r}")
+                f"teacher_precision={self.teacher_precision!r}, derivative={self.derivative!r}")

@@ -39,9 +39,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from pid_fast.eval.images import save_image_grid
+from pid_fast.models.precision import autocast_for, needs_grad_scaler, prepare_network
 from pid_fast.models.preconditioning import Preconditioning
 from pid_fast.sampling import seeded_latents, student_sample
-from pid_fast.models.precision import autocast_for, needs_grad_scaler, prepare_network
 from pid_fast.train.builders import (build_loss, build_optimizer, build_student, build_teacher, given_teacher,
                                      resolve_precision, student_metadata)
 from pid_fast.train.checkpoint import (CHECKPOINT_FORMAT, checkpoint_path, load_latest_checkpoint,
