@@ -44,8 +44,10 @@ def _resolve(config_path, overrides, named) -> dict:
 def _require_for(config) -> None:
     """The optional packages this config's run needs, checked before any work."""
     modules = ["PIL"] if config["snapshot_every"] > 0 else []  # the sample grids
-    if config["loss"]["norm"] == "lpips":
-        modules.append("torchvision")  # the LPIPS backbone
+    loss = config["loss"]
+    avg_pooling = loss["lpips_pooling"] == "avg" or (loss["lpips_pooling"] is None and loss["lpips_net"] == "vgg")
+    if loss["norm"] == "lpips" and not (avg_pooling and loss["lpips_lin_weights"]):
+        modules.append("lpips")  # max pooling's network, or the default heads file (vgg.pth) it ships
     require("lpips", *modules)
 
 

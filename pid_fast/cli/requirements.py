@@ -19,7 +19,7 @@ __all__ = ["PIP_NAMES", "CORE_MODULES", "missing_modules", "require"]
 
 # import name -> the name pip installs it under
 PIP_NAMES = {"PIL": "Pillow", "sklearn": "scikit-learn", "cleanfid": "clean-fid", "matplotlib": "matplotlib",
-             "torchvision": "torchvision", "safetensors": "safetensors", "tqdm": "tqdm"}
+             "torchvision": "torchvision", "lpips": "lpips", "safetensors": "safetensors", "tqdm": "tqdm"}
 # Modules of the core install (setup.py's install_requires): a missing one is installed by name.
 CORE_MODULES = ("PIL", "safetensors", "tqdm")
 

@@ -78,12 +78,18 @@ def test_distill_needs_pillow_for_sample_grids(tmp_path, uninstall, config_file)
     assert res.exit_code == 0, res.output
 
 
-def test_distill_lpips_needs_torchvision(tmp_path, uninstall, config_file):
-    uninstall("torchvision")
-    res = CliRunner().invoke(main, ["distill", "--config", config_file(), "--run-dir", str(tmp_path / "run"),
-                                    "--set", "loss.norm=lpips", "--set", "loss.lpips_weights=vgg.pth"])
-    _fails_with(res, "Error: pid-fast distill needs torchvision (not installed): pip install 'pid_fast[lpips]'")
+def test_distill_lpips_needs_the_lpips_package_unless_avg_pooling_has_its_heads(tmp_path, uninstall, config_file):
+    uninstall("lpips")
+    lpips = ["--set", "loss.norm=lpips", "--set", "loss.lpips_weights=vgg.pth"]
+    res = CliRunner().invoke(main, ["distill", "--config", config_file(), "--run-dir", str(tmp_path / "run"), *lpips])
+    _fails_with(res, "Error: pid-fast distill needs lpips (not installed): pip install 'pid_fast[lpips]'")
     assert not os.path.exists(tmp_path / "run")
+    # Average pooling (VGG's default) with its own heads file needs only torch: the run gets as
+    # far as the (missing) weight files.
+    res = CliRunner().invoke(main, ["distill", "--config", config_file(), "--run-dir", str(tmp_path / "run2"),
+                                    *lpips, "--set", "loss.lpips_lin_weights=heads.pt", "--threads", "1"])
+    assert res.exit_code != 0 and "needs lpips" not in res.output and "Traceback" not in res.output
+    assert "vgg.pth" in res.output or "heads.pt" in res.output, res.output
 
 
 def test_fid_needs_clean_fid_and_for_digits_scikit_learn(tmp_path, uninstall, tiny_run):
