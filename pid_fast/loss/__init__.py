@@ -3,6 +3,7 @@
     distillation.py  one loss call as the data path: grid times -> student (2B) -> assemble ->
                      teacher -> fused residual/norm (or pred/target and LPIPS)
     derivative.py    the student's F(t), F(t2): two evaluations ("fd") or one plus a JVP ("jvp")
+    forward_ad_ops.py  math paths (attention, softmax) for ops whose forward-mode AD fails the jvp pass
 """
 
 from pid_fast.loss.derivative import DERIVATIVES, student_outputs

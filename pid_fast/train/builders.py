@@ -129,7 +129,8 @@ def build_loss(lcfg: Mapping[str, Any], teacher: Preconditioning, device: torch.
                           pooling=lcfg["lpips_pooling"], lin_weights=lcfg["lpips_lin_weights"]).to(device)
     return PIDLoss(teacher, N=lcfg["N"], sigma_min=lcfg["sigma_min"], sigma_max=lcfg["sigma_max"],
                    rho=lcfg["rho"], norm=lcfg["norm"], backend=lcfg["backend"], batched=lcfg["batched"],
-                   huber_c=lcfg["huber_c"], lpips=lpips, teacher_precision=teacher_precision)
+                   huber_c=lcfg["huber_c"], lpips=lpips, teacher_precision=teacher_precision,
+                   derivative=lcfg["derivative"])
 
 
 def build_optimizer(params, ocfg: Mapping[str, Any], device: torch.device) -> torch.optim.Optimizer:

@@ -13,7 +13,7 @@ from typing import Any, Mapping, Optional
 
 from pid_fast.models.precision import PRECISION_MODES
 from pid_fast.checks import LOSS_NORMS, check_choice, check_grid, check_int, check_norm, check_positive, is_number
-from pid_fast.loss import TEACHER_PRECISIONS
+from pid_fast.loss import DERIVATIVES, TEACHER_PRECISIONS
 from pid_fast.models.preconditioning import PRECONDITIONINGS
 
 __all__ = ["DEFAULT_CONFIG", "RESUMABLE_CHANGES", "TEACHER_KEYS", "load_config", "apply_overrides",
@@ -33,7 +33,10 @@ DEFAULT_CONFIG: dict[str, Any] = {
              "lpips_weights": None, "lpips_net": "vgg", "lpips_resize": 224,
              # LPIPS pooling: null = "avg" for vgg (the reference's, piq's replace_pooling=True), "max"
              # for alex/squeeze; lpips_lin_weights: the linear heads file (null: the lpips package's)
-             "lpips_pooling": None, "lpips_lin_weights": None, "backend": None, "batched": True,
+             "lpips_pooling": None, "lpips_lin_weights": None,
+             # the student's time derivative: "fd" (two evaluations, the reference) | "jvp"
+             # (one evaluation and its forward-mode derivative in c_noise; pid_fast.loss.derivative)
+             "derivative": "fd", "backend": None, "batched": True,
              # auto: bf16 autocast when the student runs in bf16, else the teacher's own dtype;
              # null: the teacher's own dtype; fp32 | bf16 (see PIDLoss)
              "teacher_precision": "auto"},
@@ -209,6 +212,7 @@ def _check_loss(loss: Mapping[str, Any]) -> None:
         _need(isinstance(loss["lpips_weights"], str), "loss.lpips_weights",
               "the path of the LPIPS backbone weights (norm 'lpips')", loss["lpips_weights"])
     check_choice(loss["lpips_pooling"], _name("loss.lpips_pooling"), (None, "avg", "max"))
+    check_choice(loss["derivative"], _name("loss.derivative"), DERIVATIVES)
     _need(loss["lpips_lin_weights"] is None or isinstance(loss["lpips_lin_weights"], str), "loss.lpips_lin_weights",
           "null or the path of the LPIPS linear-head weights", loss["lpips_lin_weights"])
     check_choice(loss["backend"], _name("loss.backend"), (None, "reference", "cpu", "cuda", "triton"))
@@ -266,4 +270,6 @@ def _with_keys_added_since(stored: Mapping[str, Any]) -> dict:
         old_vgg_lpips = loss.get("norm") == "lpips" and loss.get("lpips_net", "vgg") == "vgg"
         loss["lpips_pooling"] = "max" if old_vgg_lpips else None
         loss.setdefault("lpips_lin_weights", None)
+    if isinstance(loss, dict):
+        loss.setdefault("derivative", "fd")
     return stored

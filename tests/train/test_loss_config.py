@@ -1,4 +1,4 @@
-"""The trainer's LPIPS keys (loss.lpips_pooling, loss.lpips_lin_weights) and resuming runs
+"""The trainer's newer loss keys (lpips_pooling, lpips_lin_weights, derivative) and resuming runs
 whose checkpoints predate them."""
 
 import pytest
@@ -66,3 +66,15 @@ def test_resume_checkpoint_written_before_the_lpips_keys(tmp_path):
     with pytest.raises(ValueError, match="cannot resume.*lpips_pooling"):
         check_resume_config(stored, old)
     assert check_resume_config(stored, resolve_config(apply_overrides(old, {"loss.lpips_pooling": "max"})))
+
+
+def test_derivative_key_reaches_the_loss_and_trains(tmp_path):
+    with pytest.raises(ValueError, match="loss.derivative"):
+        resolve_config(tiny_config(**{"loss.derivative": "fdd"}))
+    cfg = resolve_config(tiny_config(**{"loss.derivative": "jvp"}))
+    from pid_fast.train.builders import build_teacher
+
+    teacher, _ = build_teacher(cfg["teacher"], torch.device("cpu"))
+    assert build_loss(cfg["loss"], teacher, torch.device("cpu"), None).derivative == "jvp"
+    out = train(tiny_config(**{"loss.derivative": "jvp"}), tmp_path / "run")
+    assert out["step"] == 2 and out["loss"] is not None and out["loss"] == out["loss"]  # finite, not NaN
