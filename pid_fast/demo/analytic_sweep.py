@@ -29,17 +29,20 @@ __all__ = ["distill", "endpoint_error", "pid_grid_euler", "sweep_n"]
 
 def distill(teacher: GaussianMixtureDenoiser, N: int, *, steps: int = 1500, batch_size: int = 256,
             lr: float = 3e-3, seed: int = 0, hidden: int = 128, depth: int = 3, norm: str = "l2",
-            sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, backend: Optional[str] = None) -> MLPStudent:
-    """PID-distil ``teacher`` into a fresh ``MLPStudent`` with grid size N (``PIDLoss``), Adam
-    with a cosine learning-rate decay to 0 (so that the final weights are an optimum rather
-    than a noisy iterate), float32, deterministic for a seed on the CPU."""
+            sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, backend: Optional[str] = None,
+            derivative: str = "fd") -> MLPStudent:
+    """PID-distil ``teacher`` into a fresh ``MLPStudent`` with grid size N (``PIDLoss``, with the
+    finite difference or the jvp ``derivative``), Adam with a cosine learning-rate decay to 0 (so
+    that the final weights are an optimum rather than a noisy iterate), float32, deterministic
+    for a seed on the CPU."""
     if not isinstance(teacher, GaussianMixtureDenoiser):
         raise TypeError(f"teacher must be a GaussianMixtureDenoiser, got {type(teacher).__name__}")
     check_int(steps, "steps")
     check_int(batch_size, "batch_size")
     torch.manual_seed(seed)
     student = MLPStudent(teacher.dim, hidden=hidden, depth=depth)
-    loss_fn = PIDLoss(teacher, N=N, sigma_min=sigma_min, sigma_max=sigma_max, norm=norm, backend=backend)
+    loss_fn = PIDLoss(teacher, N=N, sigma_min=sigma_min, sigma_max=sigma_max, norm=norm, backend=backend,
+                      derivative=derivative)
     opt = torch.optim.Adam(student.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     gen = torch.Generator().manual_seed(seed + 1)
