@@ -87,7 +87,7 @@ def _set_threads(config, threads) -> None:
 @click.option("--accum", type=int, default=None, help="Gradient accumulation rounds per step.")
 @click.option("--lr", type=float, default=None, help="Learning rate.")
 @click.option("--precision", type=click.Choice(["auto", *PRECISION_MODES]), default=None,
-              help="The student pass's precision (README: Precision; auto: fp32).")
+              help="The student pass's precision (README: Precision; auto: fp16-mixed on CUDA, fp32 on the CPU).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None)
 @click.option("--seed", type=int, default=None)
 @click.option("--checkpoint-every", type=int, default=None, help="Write a checkpoint every K steps.")

@@ -44,8 +44,8 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "ema_rates": [0.999, 0.9999, 0.99995],
     "batch_size": 512,               # global batch (all ranks and accumulation rounds)
     "accum": 1,                      # gradient accumulation rounds per step
-    # the student's pass (pid_fast.models.precision): fp32 | bf16 | fp16 (+ dynamic loss scaling) |
-    # bf16-mixed | fp16-mixed (16-bit trunk, time path in fp32) | auto (see resolve_precision)
+    # the student's pass (pid_fast.models.precision): fp32 | tf32 | bf16 | fp16 | bf16-mixed |
+    # fp16-mixed (16-bit trunk, time path in fp32) | auto: fp16-mixed on CUDA, fp32 on the CPU
     "precision": "auto",
     "channels_last": "auto",         # true | false | auto: true on CUDA (networks and teacher)
     "compile": False,                # torch.compile the step's forward: false | true (inductor) | a backend name

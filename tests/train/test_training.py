@@ -299,8 +299,8 @@ def test_auto_precision_settings():
     from pid_fast.train.builders import resolve_precision
 
     cfg = resolve_config({})
-    # auto: fp32 until a 16-bit mode meets the fidelity rule (README: Precision; issue 11)
-    assert resolve_precision(cfg, torch.device("cuda")) == {"precision": "fp32", "teacher_precision": None,
+    # auto on a GPU: the fastest mode meeting the fidelity rule (README: Precision)
+    assert resolve_precision(cfg, torch.device("cuda")) == {"precision": "fp16-mixed", "teacher_precision": None,
                                                             "channels_last": True}
     assert resolve_precision(cfg, torch.device("cpu")) == {"precision": "fp32", "teacher_precision": None,
                                                            "channels_last": False}
