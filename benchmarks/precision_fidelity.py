@@ -40,7 +40,8 @@ def _emulated_autocast(mode: str, device_type: str):
         yield
 
 
-def run_mode(mode: str, work_dir: str, steps: int, num: int, threads: int, emulate: bool = False) -> dict:
+def run_mode(mode: str, work_dir: str, steps: int, num: int, threads: int, emulate: bool = False,
+             derivative: str = "fd") -> dict:
     from pid_fast.demo.digits import DEFAULT_TEACHER
     from pid_fast.demo.settings import DEMO_DEFAULTS, demo_config
     from pid_fast.eval.metrics import digits_fd
@@ -52,7 +53,9 @@ def run_mode(mode: str, work_dir: str, steps: int, num: int, threads: int, emula
                       norm=d["norm"], huber_c=d["huber_c"], ema_rates=d["ema_rates"], chunk=steps,
                       progress=False)
     cfg.update(precision=mode, snapshot_every=0, log_every=50)
-    run_dir = os.path.join(work_dir, mode)
+    cfg["loss"]["derivative"] = derivative
+    key = mode if derivative == "fd" else f"{mode}+{derivative}"
+    run_dir = os.path.join(work_dir, key)
     if emulate:
         import pid_fast.train.loop as loop
 
@@ -62,7 +65,7 @@ def run_mode(mode: str, work_dir: str, steps: int, num: int, threads: int, emula
     cpu_s, wall_s = time.process_time() - cpu0, time.perf_counter() - wall0
     with open(os.path.join(run_dir, "log.jsonl")) as f:
         losses = [json.loads(line)["loss"] for line in f if '"loss"' in line]
-    out = {"mode": mode, "emulated": emulate and mode != "fp32", "steps": steps, "final_loss": summary["loss"], "last_200_steps_loss": losses[-4:],
+    out = {"mode": key, "derivative": derivative, "emulated": emulate and mode != "fp32", "steps": steps, "final_loss": summary["loss"], "last_200_steps_loss": losses[-4:],
            "train_cpu_s": cpu_s, "train_wall_s": wall_s, "threads": threads}
     for weights in ("ema-0.998", "model"):
         net, meta = load_student(run_dir, weights=weights)
@@ -93,6 +96,7 @@ def main() -> None:
     p.add_argument("--work-dir", default="/tmp/pid-precision-fidelity")
     p.add_argument("--out", default="benchmarks/results/precision_fidelity-cpu.json")
     p.add_argument("--emulate", action="store_true", help="emulate 16-bit products (see above)")
+    p.add_argument("--derivative", default="fd", choices=("fd", "jvp"), help="the loss's time derivative")
     p.add_argument("--table", action="store_true", help="print the table of --out and exit")
     args = p.parse_args()
     results = {"command": "", "runs": {}}
@@ -104,13 +108,14 @@ def main() -> None:
         return
     results["command"] = ("OMP_NUM_THREADS=1 python benchmarks/precision_fidelity.py --modes "
                           + " ".join(args.modes) + f" --steps {args.steps} --num {args.num}"
-                          + (" --emulate" if args.emulate else ""))
+                          + (" --emulate" if args.emulate else "") + f" --derivative {args.derivative}")
     for mode in args.modes:
-        results["runs"][mode] = run_mode(mode, args.work_dir, args.steps, args.num, args.threads, args.emulate)
+        row = run_mode(mode, args.work_dir, args.steps, args.num, args.threads, args.emulate, args.derivative)
+        results["runs"][row["mode"]] = row
         results["torch"] = torch.__version__
         with open(args.out, "w") as f:  # after every mode: a partial run keeps what it measured
             json.dump(results, f, indent=2)
-        print(json.dumps(results["runs"][mode]))
+        print(json.dumps(row))
     print(table(results))
 
 
