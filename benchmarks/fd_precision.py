@@ -275,15 +275,19 @@ def markdown(rows, command, meta):
              "| model | variant | autocast | pred err early / middle / late | F(t)-F(t2) err early / middle / late "
              "| grad cosine early / middle / late | loss err (max) |",
              "|---|---|---|---|---|---|---|"]
-    keyed = {}
-    for r in rows:
-        keyed.setdefault((r["model"], r["variant"], r["autocast"]), {})[r["group"]] = r
-    for (model, variant, autocast), groups in keyed.items():
-        g = [groups[k] for k in GROUPS if k in groups]
+    for (model, variant, autocast), g in by_group(rows, ("model", "variant", "autocast")):
         fmt = lambda key, spec: " / ".join(format(r[key], spec) for r in g)
         lines.append(f"| {model} | {variant} | {autocast} | {fmt('pred_err', '.1e')} | {fmt('dF_err', '.1e')} | "
                      f"{fmt('grad_cos', '.5f')} | {max(r['loss_err'] for r in g):.1e} |")
     return "\n".join(lines) + "\n"
+
+
+def by_group(rows, fields):
+    """[(values of ``fields``, that variant's rows in GROUPS order)], in first-seen order."""
+    keyed = {}
+    for r in rows:
+        keyed.setdefault(tuple(r[f] for f in fields), {})[r["group"]] = r
+    return [(key, [groups[k] for k in GROUPS if k in groups]) for key, groups in keyed.items()]
 
 
 def main(argv=None):

@@ -132,11 +132,7 @@ def markdown(rows, meta):
              "| rounding only, early / middle / late | grad cosine vs fp64 fd, early / middle / late "
              "| loss err (max) | s/step |",
              "|---|---|---|---|---|---|---|---|"]
-    keyed = {}
-    for r in rows:
-        keyed.setdefault((r["variant"], r["autocast"], r["derivative"]), {})[r["group"]] = r
-    for (variant, autocast, derivative), groups in keyed.items():
-        g = [groups[k] for k in fdp.GROUPS if k in groups]
+    for (variant, autocast, derivative), g in fdp.by_group(rows, ("variant", "autocast", "derivative")):
         fmt = lambda key, spec: " / ".join(format(r[key], spec) for r in g)
         lines.append(f"| {variant} | {autocast} | {derivative} | {fmt('pred_err', '.1e')} | {fmt('round_err', '.1e')} "
                      f"| {fmt('grad_cos', '.5f')} | {max(r['loss_err'] for r in g):.1e} "
