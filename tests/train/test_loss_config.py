@@ -78,3 +78,43 @@ def test_derivative_key_reaches_the_loss_and_trains(tmp_path):
     assert build_loss(cfg["loss"], teacher, torch.device("cpu"), None).derivative == "jvp"
     out = train(tiny_config(**{"loss.derivative": "jvp"}), tmp_path / "run")
     assert out["step"] == 2 and out["loss"] is not None and out["loss"] == out["loss"]  # finite, not NaN
+
+
+# Loss of a mode's first step against fp32's (teacher-initialised student, the same draws); the
+# bounds are those of tests/models/test_precision.py, measured on the digits network.
+MODE_TOLERANCE = {"fp32": 1e-6, "tf32": 1e-6, "bf16": 6e-2, "bf16-mixed": 7e-2, "fp16": 1.5e-2, "fp16-mixed": 1.5e-2}
+
+
+def _first_loss(run_dir):
+    import json
+
+    with open(run_dir / "log.jsonl") as f:
+        return json.loads(f.readline())["loss"]
+
+
+def test_every_precision_mode_trains(tmp_path):
+    base = tiny_config(**{"total_steps": 1, "student.init": "teacher", "student.network": None})
+    train(apply_overrides(base, {"precision": "fp32"}), tmp_path / "fp32")
+    ref = _first_loss(tmp_path / "fp32")
+    for mode, tol in MODE_TOLERANCE.items():
+        run = tmp_path / mode
+        train(apply_overrides(base, {"precision": mode}), run)
+        loss = _first_loss(run)
+        assert abs(loss - ref) <= tol * max(abs(ref), 1.0), (mode, loss, ref)
+        state = torch.load(list_checkpoints(run)[0][1], map_location="cpu", weights_only=True)
+        assert ("grad_scaler" in state) == mode.startswith("fp16")  # loss scaling only in fp16 modes
+        assert all(v.dtype == torch.float32 for v in state["model"].values() if v.is_floating_point())
+
+
+def test_fp16_mixed_under_ddp_matches_one_process(tmp_path):
+    from pid_fast.train import train_local_ddp
+
+    cfg = tiny_config(**{"batch_size": 4, "total_steps": 2, "student.init": "teacher", "student.network": None,
+                         "precision": "fp16-mixed"})
+    train_local_ddp(apply_overrides(cfg, {"accum": 1}), tmp_path / "ddp", world_size=2)
+    train(cfg, tmp_path / "single")
+    a = torch.load(list_checkpoints(tmp_path / "ddp")[0][1], map_location="cpu", weights_only=True)
+    b = torch.load(list_checkpoints(tmp_path / "single")[0][1], map_location="cpu", weights_only=True)
+    assert a["world_size"] == 2 and "grad_scaler" in a
+    for k, v in b["model"].items():
+        torch.testing.assert_close(a["model"][k], v, rtol=1e-3, atol=1e-4)
