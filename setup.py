@@ -105,7 +105,8 @@ def extension():
 
 EVAL = ["clean-fid", "scikit-learn", "matplotlib", "torchvision"]
 LPIPS = ["lpips"]  # brings torchvision; its vgg.pth is the default LPIPS heads file
-TEST = ["pytest", "hypothesis", "pytest-benchmark", "piq==0.8.0", "lpips"]
+DIFFUSERS = ["diffusers>=0.30"]  # teachers/students saved with diffusers' save_pretrained
+TEST = ["pytest", "hypothesis", "pytest-benchmark", "piq==0.8.0", "lpips"] + DIFFUSERS
 
 setup(
     name="pid_fast",
@@ -118,8 +119,9 @@ setup(
     extras_require={
         "eval": EVAL,  # pid-fast fid, demo, train-teacher, train-features
         "lpips": LPIPS,  # loss.norm = "lpips" (with local weight files)
+        "diffusers": DIFFUSERS,  # teacher.kind = "diffusers", VAE decoding of latent teachers
         "test": TEST,
-        "all": sorted(set(EVAL + LPIPS + TEST)),
+        "all": sorted(set(EVAL + LPIPS + DIFFUSERS + TEST)),
     },
     entry_points={"console_scripts": ["pid-fast = pid_fast.cli:main"]},
     ext_modules=[extension()],
