@@ -44,6 +44,7 @@ import sys
 import time
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
@@ -110,6 +111,17 @@ class _TF32Output(torch.autograd.Function):
         return round_tf32(grad)
 
 
+def _any_dual(args, kwargs) -> bool:
+    values = list(args) + list(kwargs.values())
+    return any(isinstance(v, torch.Tensor) and fwAD.unpack_dual(v).tangent is not None for v in values)
+
+
+def _tf32_rounding(v: torch.Tensor) -> torch.Tensor:
+    """round_tf32(v) - v as a constant (no gradient, no tangent)."""
+    primal = fwAD.unpack_dual(v).primal.detach()
+    return round_tf32(primal) - primal
+
+
 _PRODUCTS = {F.conv2d, F.conv_transpose2d, F.linear, F.scaled_dot_product_attention, torch.matmul, torch.mm,
              torch.bmm, torch.addmm, torch.baddbmm, torch.Tensor.matmul, torch.Tensor.__matmul__}
 
@@ -135,6 +147,12 @@ class EmulatedProducts(TorchFunctionMode):
                 args, kwargs = _map_floats(lambda v: v.to(dtype).float(), args, kwargs)
                 with torch.autocast("cpu", enabled=False):
                     return func(*args, **kwargs).to(dtype)
+            if self.tf32 and _any_dual(args, kwargs):
+                # The jvp pass (custom Functions would need forward-mode formulas that reverse
+                # mode can differentiate): inputs rounded straight-through, tangents in fp32.
+                args, kwargs = _map_floats(lambda v: v + _tf32_rounding(v) if v.dtype == torch.float32 else v,
+                                           args, kwargs)
+                return func(*args, **kwargs)
             if self.tf32:
                 args, kwargs = _map_floats(
                     lambda v: _TF32Input.apply(v) if v.dtype == torch.float32 else v, args, kwargs)

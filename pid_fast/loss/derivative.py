@@ -24,11 +24,12 @@ is formed in float32 (float64 for float64 outputs) whatever the network's output
 from the same t, t2 the fused ops use.
 
 Forward-mode coverage: every op of SongUNet (DDPM++/NCSN++), DhariwalUNet and the digits network
-has a forward-mode formula except two, which run on math paths during the jvp pass only
+has a forward-mode formula except these, which run on math paths during the jvp pass only
 (forward_ad_ops.py): scaled_dot_product_attention (its fused kernels have none) and softmax (its
-formula breaks the backward through the tangent, pytorch/pytorch#162350). Dual tensors rather
-than torch.func.jvp: the student is called as it is, so DDP (which copies buffers in place at
-each forward, refused inside torch.func transforms) works. Under torch.compile the jvp pass runs
+formula breaks the backward through the tangent, pytorch/pytorch#162350); group_norm and
+layer_norm, whose float16 formulas overflow to NaN tangents (16-bit norms run in float32 there).
+Dual tensors rather than torch.func.jvp: the student is called as it is, so DDP (which copies
+buffers in place at each forward, refused inside torch.func transforms) works. Under torch.compile the jvp pass runs
 eagerly (a graph break: dynamo cannot trace make_dual), so fullgraph=True is not available.
 """
 
@@ -40,7 +41,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 from pid_fast.checks import check_choice
-from pid_fast.loss.forward_ad_ops import ForwardADAttention
+from pid_fast.loss.forward_ad_ops import ForwardADMathPaths
 
 __all__ = ["DERIVATIVES", "check_derivative", "student_outputs"]
 
@@ -99,7 +100,7 @@ def _label_step(noise_labels, t, t2, batch):
 def _jvp_pair(student, x_in, labels, c_noise_t, label_step):
     """F(t) and F(t) + dF/dc_noise * step from one forward-mode evaluation at t."""
     try:
-        with ForwardADAttention(), fwAD.dual_level():
+        with ForwardADMathPaths(), fwAD.dual_level():
             out = student(x_in, fwAD.make_dual(c_noise_t, torch.ones_like(c_noise_t)), labels)
             f_t, tangent = fwAD.unpack_dual(out) if isinstance(out, torch.Tensor) else (out, None)
     except NotImplementedError as exc:

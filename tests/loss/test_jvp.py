@@ -279,7 +279,8 @@ def _network_step(name, autocast=None, derivative="jvp", seed=0):
     noise = _noise(3, shape=shape, seed=seed, dtype=torch.float32)
     labels = None if not label_dim else nn.functional.one_hot(torch.tensor([1, 4, 7]), label_dim).float()
     pid = PIDLoss(teacher, derivative=derivative)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast is not None):
+    dtype = {"fp16": torch.float16}.get(autocast, torch.bfloat16)
+    with torch.autocast("cpu", dtype=dtype, enabled=autocast is not None):
         loss = pid(student, noise, labels, indices=torch.tensor([0, 120, 249]))
     loss.backward()
     grad = torch.cat([p.grad.reshape(-1) for p in student.parameters() if p.grad is not None])
@@ -324,6 +325,36 @@ def test_jvp_step_under_bf16_autocast():
     """SongUNet with attention under bf16 autocast (where SDPA picks a fused CPU kernel without
     a forward-mode formula; the jvp pass runs a math path); F(t2) is formed in fp32."""
     loss, grad = _network_step("tiny-ddpmpp", autocast="bf16")
+    ref_loss, ref_grad = _network_step("tiny-ddpmpp")
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    assert abs(float(loss / ref_loss) - 1) < 0.1
+    assert float(grad @ ref_grad / (grad.norm() * ref_grad.norm())) > 0.98
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("norm", ["group", "layer"])
+def test_16bit_norm_tangents_are_finite_and_match_float32(norm, dtype):
+    """float16 group/layer norm forward-mode formulas overflow (rstd**3 in float16) for activations
+    of std 0.01 and return NaN tangents; the jvp pass computes 16-bit norms in float32."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 4, 4) * 0.01
+    tangent = torch.randn_like(x)
+    F = nn.functional
+    call = (lambda v: F.group_norm(v, 2)) if norm == "group" else (lambda v: F.layer_norm(v, (4, 4)))
+    with ForwardADAttention(), fwAD.dual_level():
+        out = call(fwAD.make_dual(x.to(dtype), tangent.to(dtype)))
+        primal, tan = fwAD.unpack_dual(out)
+    with fwAD.dual_level():
+        ref_primal, ref_tan = fwAD.unpack_dual(call(fwAD.make_dual(x.to(dtype).float(), tangent.to(dtype).float())))
+    assert primal.dtype == tan.dtype == dtype and torch.isfinite(tan).all()
+    torch.testing.assert_close(tan.float(), ref_tan, rtol=2e-2, atol=2e-2 * ref_tan.abs().max().item())
+    torch.testing.assert_close(primal.float(), ref_primal, rtol=2e-2, atol=2e-2)
+
+
+def test_jvp_step_under_fp16_autocast_is_finite():
+    """A SongUNet jvp step under float16 autocast: finite loss and gradient close to fp32's (its
+    GroupNorms' float16 forward-mode formulas alone would make the tangent NaN)."""
+    loss, grad = _network_step("tiny-ddpmpp", autocast="fp16")
     ref_loss, ref_grad = _network_step("tiny-ddpmpp")
     assert torch.isfinite(loss) and torch.isfinite(grad).all()
     assert abs(float(loss / ref_loss) - 1) < 0.1

@@ -92,12 +92,16 @@ def _first_loss(run_dir):
         return json.loads(f.readline())["loss"]
 
 
-def test_every_precision_mode_trains(tmp_path):
-    base = tiny_config(**{"total_steps": 1, "student.init": "teacher", "student.network": None})
+@pytest.mark.parametrize("derivative", ["fd", "jvp"])
+def test_every_precision_mode_trains(tmp_path, derivative):
+    """Each mode's first loss against fp32's with the same derivative (the jvp one has no
+    cancellation, so the fd bounds hold for it too)."""
+    base = tiny_config(**{"total_steps": 1, "student.init": "teacher", "student.network": None,
+                          "loss.derivative": derivative})
     train(apply_overrides(base, {"precision": "fp32"}), tmp_path / "fp32")
     ref = _first_loss(tmp_path / "fp32")
     for mode, tol in MODE_TOLERANCE.items():
-        run = tmp_path / mode
+        run = tmp_path / f"{mode}-{derivative}"
         train(apply_overrides(base, {"precision": mode}), run)
         loss = _first_loss(run)
         assert abs(loss - ref) <= tol * max(abs(ref), 1.0), (mode, loss, ref)
