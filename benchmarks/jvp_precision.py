@@ -39,9 +39,9 @@ from pid_fast.loss import pid_distillation_loss, student_outputs  # noqa: E402
 from pid_fast.loss.distillation import default_noise_labels  # noqa: E402
 
 DERIVATIVES = ("fd", "jvp")
-# "tf32" is left out: fd_precision's TF32 emulation uses autograd.Functions without a jvp
-# method, which forward-mode AD refuses (--variants tf32 fails on the jvp rows).
-VARIANTS = ("fp32", "bf16", "fp16", "bf16-mixed", "fp16-mixed")
+# "tf32" is emulated (fd_precision.EmulatedProducts): on the jvp pass its inputs are rounded
+# straight-through and the tangents' products stay fp32.
+VARIANTS = ("fp32", "tf32", "bf16", "fp16", "bf16-mixed", "fp16-mixed")
 NOTES = fdp.NOTES
 
 
