@@ -16,9 +16,10 @@ BUILD_STAMP := $(VENV)/.built
 KNOBS_FILE := $(VENV)/.build-knobs
 BUILD_KNOBS := PID_FAST_CUDA=$(PID_FAST_CUDA) CUDA_HOME=$(CUDA_HOME) CUDA_PATH=$(CUDA_PATH) \
 	TORCH_CUDA_ARCH_LIST=$(TORCH_CUDA_ARCH_LIST)
-BUILD_INPUTS := $(shell find csrc -type f) setup.py build_support/cuda_toolkit.py
+BUILD_INPUTS := $(shell find csrc -type f) setup.py build_support/cuda_toolkit.py \
+	pid_fast/ops/extension.py
 
-.PHONY: venv build test bench cmake-build clean demo FORCE
+.PHONY: venv build test bench cmake-build clean demo check-symbols wheel wheel-check FORCE
 
 $(VENV)/.deps: setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +46,23 @@ build: $(BUILD_STAMP)
 # many times over (timings live in the benchmarks, which use 2 threads).
 test: build
 	OMP_NUM_THREADS=1 $(PY) -m pytest tests -q -p no:cacheprovider
+
+# The built library imports no unstable torch C++ symbol, only torch's stable C shim: it loads
+# in every torch >= 2.10 (pid_fast/ops/extension.py's MIN_TORCH).
+check-symbols: build
+	$(PY) build_support/check_stable_symbols.py pid_fast/_C*.so
+
+# One wheel (abi3, built against the venv's torch, with the same knobs as `build`; the editable
+# build keeps no objects, so the sources compile again), installed into a fresh venv with
+# WHEEL_TORCH where the op tests run (build_support/wheel_check.sh).
+WHEEL_DIR ?= build/dist
+WHEEL_TORCH ?= $(firstword $(TORCH_SPEC))
+wheel: build
+	rm -f $(WHEEL_DIR)/pid_fast-*.whl
+	$(PY) -m pip wheel -q --no-build-isolation --no-deps . -w $(WHEEL_DIR)
+
+wheel-check: wheel
+	PYTHON=$(PYTHON) build_support/wheel_check.sh $(WHEEL_DIR)/pid_fast-*.whl $(WHEEL_TORCH)
 
 # The offline CPU demo: distil the bundled digits teacher, print the FD table, write pictures.
 demo: build

@@ -3,6 +3,13 @@
 Build against the torch you already have (install torch first):
 
     pip install --no-build-isolation .          # or -e . for development
+    pip wheel --no-build-isolation --no-deps . -w dist/   # one abi3 wheel (cp310-abi3)
+
+The extension uses only the LibTorch Stable ABI (torch/csrc/stable, torch/headeronly) of torch 2.10
+(MIN_TORCH below, passed as -DTORCH_TARGET_VERSION) and Python's limited API (py_limited_api, an
+abi3 wheel): one build loads in every torch >= 2.10 and every CPython the building torch supports
+and newer, whichever torch it was built against. Building against an older torch stops at once
+naming the supported range (there is no classic-ABI fallback).
 
 Plain `pip install .` (build isolation) stops at once with that advice: an isolated build would
 compile against another torch than the one pid_fast runs with.
@@ -39,16 +46,6 @@ without build isolation, in an environment that already has torch:
 """
 
 
-def load_cuda_toolkit_module():
-    """build_support/cuda_toolkit.py by its path (it is not part of the installed package)."""
-    path = os.path.join(HERE, "build_support", "cuda_toolkit.py")
-    spec = importlib.util.spec_from_file_location("pid_fast_build_cuda_toolkit", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
-
-
 def cuda_mode(cuda_toolkit):
     mode = os.environ.get("PID_FAST_CUDA", "auto").strip().lower()
     if mode not in cuda_toolkit.MODES:
@@ -56,14 +53,38 @@ def cuda_mode(cuda_toolkit):
     return mode
 
 
+TOO_OLD_MESSAGE = """\
+pid_fast: torch {found} is too old. pid_fast's compiled kernels use the LibTorch Stable ABI of
+torch {min}, so they build and load with torch >= {min} (one build serves every newer torch).
+Upgrade torch (pip install 'torch>={min}'), then build again with --no-build-isolation.
+"""
+
+
+def load_module_by_path(name, relpath):
+    """A helper file by its path (build_support/ is not part of the installed package; the
+    extension loader is read before pid_fast, which needs the built library, is importable)."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(HERE, relpath))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
+
+
 # Checked first, in seconds: an isolated build (plain `pip install .`) has no torch here.
 if importlib.util.find_spec("torch") is None:
     sys.exit(NO_TORCH_MESSAGE)
 
-cuda_toolkit = load_cuda_toolkit_module()
+cuda_toolkit = load_module_by_path("pid_fast_build_cuda_toolkit", "build_support/cuda_toolkit.py")
 MODE = cuda_mode(cuda_toolkit)
 
 import torch  # noqa: E402  (torch.utils.cpp_extension is imported only after CUDA_HOME is set)
+
+# The oldest torch whose stable ABI the kernels use: one home, pid_fast/ops/extension.py.
+ext_loader = load_module_by_path("pid_fast_build_extension_loader", "pid_fast/ops/extension.py")
+MIN_TORCH = ext_loader.MIN_TORCH
+TORCH_TARGET_VERSION = ext_loader.torch_target_version()  # -DTORCH_TARGET_VERSION
+if ext_loader.torch_version(torch.__version__) < MIN_TORCH:
+    sys.exit(TOO_OLD_MESSAGE.format(found=torch.__version__, min=".".join(map(str, MIN_TORCH))))
 
 CHOICE = cuda_toolkit.choose(MODE, torch.version.cuda)
 if CHOICE.build_cuda:
@@ -81,11 +102,15 @@ if CHOICE.build_cuda and os.path.realpath(cpp_extension.CUDA_HOME or "") != os.p
 
 
 def extension():
-    cxx = ["-O3", "-fopenmp"]  # torch picks the C++ standard it needs
-    sources = ["csrc/pid_ops.cpp", "csrc/pid_autograd.cpp", "csrc/cpu/pid_cpu.cpp", "csrc/pymodule.cpp"]
+    # torch picks the C++ standard it needs and adds -DPy_LIMITED_API for py_limited_api. No
+    # -fopenmp: the CPU kernels run on torch's own OpenMP pool (torch::stable::parallel_for),
+    # so the library needs no system libgomp.
+    stable = [f"-DTORCH_TARGET_VERSION={TORCH_TARGET_VERSION}"]
+    cxx = ["-O3", "-fvisibility=hidden"] + stable  # torch::stable's types are hidden too
+    sources = ["csrc/pid_ops.cpp", "csrc/cpu/pid_cpu.cpp", "csrc/pymodule.cpp"]
     if not CHOICE.build_cuda:
         return cpp_extension.CppExtension(
-            "pid_fast._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+            "pid_fast._C", sources, extra_compile_args={"cxx": cxx}, py_limited_api=True)
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ.get("PID_FAST_DEFAULT_ARCHS", "8.0;9.0")
     archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "native")
@@ -97,10 +122,19 @@ def extension():
         sources + ["csrc/cuda/pid_cuda_kernels.cu", "csrc/cuda/pid_cuda.cpp"],
         extra_compile_args={
             "cxx": cxx + defines + wheel_includes["cxx"],
-            "nvcc": ["-O3", "--use_fast_math", "-lineinfo"] + defines + wheel_includes["nvcc"],
+            # USE_CUDA declares aoti_torch_get_current_cuda_stream in torch's C shim.
+            "nvcc": ["-O3", "--use_fast_math", "-lineinfo", "-DUSE_CUDA",
+                     "-Xcompiler=-fvisibility=hidden"] + stable + defines + wheel_includes["nvcc"],
         },
-        extra_link_args=["-fopenmp"],
+        py_limited_api=True,
     )
+
+
+def limited_api_tag() -> str:
+    """The abi3 wheel's tag, "cp310" for torch's -DPy_LIMITED_API=0x030A0000 (the oldest CPython
+    the building torch supports; the wheel then serves that CPython and every newer one)."""
+    version = int(getattr(cpp_extension, "min_supported_cpython", "0x03090000"), 16)
+    return f"cp{version >> 24}{(version >> 16) & 0xff}"
 
 
 EVAL = ["clean-fid", "scikit-learn", "matplotlib", "torchvision"]
@@ -114,8 +148,8 @@ setup(
     description="Fused Physics Informed Distillation (PID) of diffusion models for PyTorch",
     packages=find_packages(include=["pid_fast", "pid_fast.*"]),
     package_data={"pid_fast": ["assets/*"]},
-    python_requires=">=3.9",
-    install_requires=["torch>=2.4", "numpy", "click", "safetensors", "tqdm", "Pillow"],
+    python_requires=">=3.10",  # torch >= 2.10 needs it; the abi3 wheel is cp310-abi3
+    install_requires=[f"torch>={MIN_TORCH[0]}.{MIN_TORCH[1]}", "numpy", "click", "safetensors", "tqdm", "Pillow"],
     extras_require={
         "eval": EVAL,  # pid-fast fid, demo, train-teacher, train-features
         "lpips": LPIPS,  # loss.norm = "lpips" (with local weight files)
@@ -126,5 +160,6 @@ setup(
     entry_points={"console_scripts": ["pid-fast = pid_fast.cli:main"]},
     ext_modules=[extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension},
+    options={"bdist_wheel": {"py_limited_api": limited_api_tag()}},  # one wheel for every CPython
     zip_safe=False,
 )

@@ -1,5 +1,7 @@
 // Makes the library importable as `pid_fast._C`; importing it runs the op registrations
-// (TORCH_LIBRARY / TORCH_LIBRARY_IMPL static initialisers). The ops live in torch.ops.pid_fast.
+// (STABLE_TORCH_LIBRARY / STABLE_TORCH_LIBRARY_IMPL static initialisers). The ops live in
+// torch.ops.pid_fast. Only Python's limited API is used (Py_LIMITED_API, set by setup.py's
+// py_limited_api): the same binary imports in every CPython from the abi3 tag's version on.
 #include <Python.h>
 
 static struct PyModuleDef pid_fast_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};

@@ -1,9 +1,11 @@
-// CPU kernels: rows are cut into chunks processed in parallel (at::parallel_for); inside a
-// chunk, 8-lane blocks with independent accumulators let the compiler vectorise the loops
-// (fp32 arithmetic whatever the storage dtype).
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
+// CPU kernels: rows are cut into chunks processed in parallel (torch::stable::parallel_for,
+// torch's own OpenMP thread pool, as at::parallel_for); inside a chunk, 8-lane blocks with
+// independent accumulators let the compiler vectorise the loops (fp32 arithmetic whatever the
+// storage dtype).
+#include <torch/csrc/stable/ops.h>
+
+#include <algorithm>
+#include <type_traits>
 
 #include "../pid_dispatch.h"
 #include "../pid_ops_impl.h"
@@ -21,7 +23,7 @@ template <class Fn>
 void for_each_chunk(const Rows& rows, const Fn& fn) {
   const int64_t nchunks = num_chunks(rows.D, kChunk);
   const int64_t grain = std::max<int64_t>(1, kGrain / std::min(rows.D, kChunk));
-  at::parallel_for(0, rows.B * nchunks, grain, [&](int64_t lo, int64_t hi) {
+  torch::stable::parallel_for(0, rows.B * nchunks, grain, [&](int64_t lo, int64_t hi) {
     for (int64_t item = lo; item < hi; ++item) {
       const int64_t row = item / nchunks, ch = item % nchunks;
       const int64_t begin = row * rows.D + ch * kChunk;
@@ -32,7 +34,7 @@ void for_each_chunk(const Rows& rows, const Fn& fn) {
 
 template <typename T, typename TO>
 void assemble_kernel(const Rows& rows, const float* a, const float* b, const float* c_in,
-                     at::Tensor& x, at::Tensor& x_in) {
+                     Tensor& x, Tensor& x_in) {
   const T* __restrict__ n = rows.streams[0].const_data_ptr<T>();
   const T* __restrict__ f = rows.streams[1].const_data_ptr<T>();
   T* __restrict__ xo = x.mutable_data_ptr<T>();
@@ -48,7 +50,7 @@ void assemble_kernel(const Rows& rows, const float* a, const float* b, const flo
 }
 
 template <typename T>
-void residual_kernel(const Rows& rows, at::Tensor& pred, at::Tensor& target) {
+void residual_kernel(const Rows& rows, Tensor& pred, Tensor& target) {
   const T* __restrict__ n = rows.streams[0].const_data_ptr<T>();
   const T* __restrict__ f1 = rows.streams[1].const_data_ptr<T>();
   const T* __restrict__ f2 = rows.streams[2].const_data_ptr<T>();
@@ -104,7 +106,7 @@ void loss_kernel(const Rows& rows, float* partial, T* __restrict__ d1, T* __rest
 }
 
 template <typename T>
-void scale_rows_kernel(const Rows& rows, const float* s1, const float* s2, at::Tensor& out) {
+void scale_rows_kernel(const Rows& rows, const float* s1, const float* s2, Tensor& out) {
   const T* __restrict__ x = rows.streams[0].const_data_ptr<T>();
   T* __restrict__ o = out.mutable_data_ptr<T>();
   for_each_chunk(rows, [&](int64_t row, int64_t, int64_t begin, int64_t end) {
@@ -116,7 +118,7 @@ void scale_rows_kernel(const Rows& rows, const float* s1, const float* s2, at::T
 
 struct CpuKernels {
   static void assemble(const Rows& rows, const float* a, const float* b, const float* c_in,
-                       at::Tensor& x, at::Tensor& x_in) {
+                       Tensor& x, Tensor& x_in) {
     PID_DISPATCH_FLOATS(x.scalar_type(), "pid_fast::assemble", [&] {
       using T = scalar_t;
       PID_DISPATCH_FLOATS(x_in.scalar_type(), "pid_fast::assemble", [&] {
@@ -125,16 +127,16 @@ struct CpuKernels {
     });
   }
 
-  static void residual(const Rows& rows, at::Tensor& pred, at::Tensor& target) {
+  static void residual(const Rows& rows, Tensor& pred, Tensor& target) {
     PID_DISPATCH_FLOATS(pred.scalar_type(), "pid_fast::residual",
                         [&] { residual_kernel<scalar_t>(rows, pred, target); });
   }
 
-  static void loss(const Rows& rows, int norm, double huber_c, bool grad, at::Tensor& loss,
-                   at::Tensor& scale, at::Tensor& d1, at::Tensor& d2) {
+  static void loss(const Rows& rows, int norm, double huber_c, bool grad, Tensor& loss,
+                   Tensor& scale, Tensor& d1, Tensor& d2) {
     const int64_t nchunks = num_chunks(rows.D, kChunk);
-    at::Tensor partial = at::empty({rows.B, nchunks}, loss.options());
-    float* pp = partial.data_ptr<float>();
+    Tensor partial = empty_1d(loss, rows.B * nchunks, ScalarType::Float);
+    float* pp = partial.mutable_data_ptr<float>();
     PID_DISPATCH_FLOATS(rows.streams[0].scalar_type(), "pid_fast::loss", [&] {
       using T = scalar_t;
       T* p1 = grad ? d1.mutable_data_ptr<T>() : nullptr;
@@ -149,8 +151,8 @@ struct CpuKernels {
       else run(std::integral_constant<int, kHuber>{});
     });
     // Per-row finalisation: partial sums in chunk order (deterministic), then the norm.
-    float* lo = loss.data_ptr<float>();
-    float* so = grad ? scale.data_ptr<float>() : nullptr;
+    float* lo = loss.mutable_data_ptr<float>();
+    float* so = grad ? scale.mutable_data_ptr<float>() : nullptr;
     for (int64_t row = 0; row < rows.B; ++row) {
       double S = 0;
       for (int64_t c = 0; c < nchunks; ++c) S += pp[row * nchunks + c];
@@ -162,7 +164,7 @@ struct CpuKernels {
     }
   }
 
-  static void scale_rows(const Rows& rows, const float* s1, const float* s2, at::Tensor& out) {
+  static void scale_rows(const Rows& rows, const float* s1, const float* s2, Tensor& out) {
     PID_DISPATCH_FLOATS(out.scalar_type(), "pid_fast::scale_rows",
                         [&] { scale_rows_kernel<scalar_t>(rows, s1, s2, out); });
   }

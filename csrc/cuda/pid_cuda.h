@@ -6,10 +6,10 @@
 namespace pid_fast {
 
 void cuda_assemble(const Rows& rows, const float* a, const float* b, const float* c_in,
-                   at::Tensor& x, at::Tensor& x_in);
-void cuda_residual(const Rows& rows, at::Tensor& pred, at::Tensor& target);
-void cuda_loss(const Rows& rows, int norm, double huber_c, bool grad, at::Tensor& loss,
-               at::Tensor& scale, at::Tensor& d1, at::Tensor& d2);
-void cuda_scale_rows(const Rows& rows, const float* s1, const float* s2, at::Tensor& out);
+                   Tensor& x, Tensor& x_in);
+void cuda_residual(const Rows& rows, Tensor& pred, Tensor& target);
+void cuda_loss(const Rows& rows, int norm, double huber_c, bool grad, Tensor& loss,
+               Tensor& scale, Tensor& d1, Tensor& d2);
+void cuda_scale_rows(const Rows& rows, const float* s1, const float* s2, Tensor& out);
 
 }  // namespace pid_fast

@@ -1,18 +1,21 @@
-// CUDA kernels of the pid_fast ops. Only ATen core headers here (no torch/extension.h) to keep
-// nvcc fast; the op bodies and registration are in pid_cuda.cpp.
+// CUDA kernels of the pid_fast ops. Only the light stable-ABI headers here (no ATen, no
+// torch/extension.h) to keep nvcc fast; the op bodies and registration are in pid_cuda.cpp.
+// The current stream and the device guard come through torch's C shim (needs -DUSE_CUDA for
+// aoti_torch_get_current_cuda_stream's declaration).
 //
 // Work split: every row (sample) of D elements is cut into chunks of kThreads*VEC*iters
 // elements, one thread block per (row, chunk), flattened on grid.x. Loads and stores are
 // 16 bytes wide (VEC = 16 / sizeof(T)) when every pointer is aligned and D % VEC == 0, so a
 // vector never straddles two rows. Offsets are int64. Arithmetic is float32.
 // Results are deterministic: per-chunk partial sums are reduced in a fixed order.
-#include <ATen/core/Tensor.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
+#include <cuda_runtime.h>
+#include <torch/csrc/inductor/aoti_torch/c/shim.h>
+#include <torch/csrc/stable/accelerator.h>
+#include <torch/csrc/stable/macros.h>
+#include <torch/headeronly/util/shim_utils.h>
 
 #include <cstdlib>
+#include <type_traits>
 
 #include "../pid_dispatch.h"
 #include "pid_cuda.h"
@@ -192,13 +195,20 @@ __global__ void __launch_bounds__(kThreads)
 
 // ---- launch helpers -----------------------------------------------------------------------
 
-bool aligned16(const at::Tensor& t) {
+// torch's current CUDA stream on t's device.
+cudaStream_t current_stream(const Tensor& t) {
+  void* stream = nullptr;
+  TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(t.get_device_index(), &stream));
+  return static_cast<cudaStream_t>(stream);
+}
+
+bool aligned16(const Tensor& t) {
   return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
 }
 
 // Vector width: 16-byte accesses when possible, scalar otherwise.
 template <typename T>
-int pick_vec(const Rows& rows, std::initializer_list<at::Tensor> outs) {
+int pick_vec(const Rows& rows, std::initializer_list<Tensor> outs) {
   constexpr int V = 16 / sizeof(T);
   bool ok = rows.D % V == 0;
   for (const auto& s : rows.streams) ok = ok && aligned16(s);
@@ -216,7 +226,7 @@ Launch plan(const Rows& rows, int vec) {
   L.chunk = (int64_t)kThreads * vec * chunk_iters();
   L.nchunks = num_chunks(rows.D, L.chunk);
   const int64_t blocks = rows.B * L.nchunks;
-  TORCH_CHECK(blocks < (int64_t{1} << 31), "pid_fast: tensor too large for one launch");
+  PID_CHECK(blocks < (int64_t{1} << 31), "pid_fast: tensor too large for one launch");
   L.grid = dim3((unsigned)blocks);
   return L;
 }
@@ -231,9 +241,9 @@ void with_vec(int vec, const Fn& fn) {
 }  // namespace
 
 void cuda_assemble(const Rows& rows, const float* a, const float* b, const float* c_in,
-                   at::Tensor& x, at::Tensor& x_in) {
-  const c10::cuda::CUDAGuard guard(x.device());
-  auto stream = at::cuda::getCurrentCUDAStream();
+                   Tensor& x, Tensor& x_in) {
+  const torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
+  const cudaStream_t stream = current_stream(x);
   PID_DISPATCH_FLOATS(x.scalar_type(), "pid_fast::assemble", [&] {
     using T = scalar_t;
     PID_DISPATCH_FLOATS(x_in.scalar_type(), "pid_fast::assemble", [&] {
@@ -245,15 +255,15 @@ void cuda_assemble(const Rows& rows, const float* a, const float* b, const float
         assemble_kernel<T, TO, V><<<L.grid, kThreads, 0, stream>>>(
             rows.streams[0].const_data_ptr<T>(), rows.streams[1].const_data_ptr<T>(), a, b, c_in,
             x.mutable_data_ptr<T>(), x_in.mutable_data_ptr<TO>(), rows.D, L.chunk, L.nchunks);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        STD_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
   });
 }
 
-void cuda_residual(const Rows& rows, at::Tensor& pred, at::Tensor& target) {
-  const c10::cuda::CUDAGuard guard(pred.device());
-  auto stream = at::cuda::getCurrentCUDAStream();
+void cuda_residual(const Rows& rows, Tensor& pred, Tensor& target) {
+  const torch::stable::accelerator::DeviceGuard guard(pred.get_device_index());
+  const cudaStream_t stream = current_stream(pred);
   PID_DISPATCH_FLOATS(pred.scalar_type(), "pid_fast::residual", [&] {
     using T = scalar_t;
     with_vec<T>(pick_vec<T>(rows, {pred, target}), [&](auto VC) {
@@ -264,22 +274,22 @@ void cuda_residual(const Rows& rows, at::Tensor& pred, at::Tensor& target) {
           rows.streams[2].const_data_ptr<T>(), rows.streams[3].const_data_ptr<T>(),
           pred.mutable_data_ptr<T>(), target.mutable_data_ptr<T>(), rows.ptrs, rows.D, L.chunk,
           L.nchunks);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      STD_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
 }
 
-void cuda_loss(const Rows& rows, int norm, double huber_c, bool grad, at::Tensor& loss,
-               at::Tensor& scale, at::Tensor& d1, at::Tensor& d2) {
-  const c10::cuda::CUDAGuard guard(loss.device());
-  auto stream = at::cuda::getCurrentCUDAStream();
+void cuda_loss(const Rows& rows, int norm, double huber_c, bool grad, Tensor& loss,
+               Tensor& scale, Tensor& d1, Tensor& d2) {
+  const torch::stable::accelerator::DeviceGuard guard(loss.get_device_index());
+  const cudaStream_t stream = current_stream(loss);
   PID_DISPATCH_FLOATS(rows.streams[0].scalar_type(), "pid_fast::loss", [&] {
     using T = scalar_t;
     const int vec = grad ? pick_vec<T>(rows, {d1, d2}) : pick_vec<T>(rows, {});
     with_vec<T>(vec, [&](auto VC) {
       constexpr int V = decltype(VC)::value;
       const Launch L = plan(rows, V);
-      at::Tensor partial = at::empty({rows.B * L.nchunks}, loss.options());
+      Tensor partial = empty_1d(loss, rows.B * L.nchunks, ScalarType::Float);
       auto launch = [&](auto NC, auto GC) {
         loss_kernel<T, V, decltype(NC)::value, decltype(GC)::value><<<L.grid, kThreads, 0, stream>>>(
             rows.streams[0].const_data_ptr<T>(), rows.streams[1].const_data_ptr<T>(),
@@ -294,18 +304,18 @@ void cuda_loss(const Rows& rows, int norm, double huber_c, bool grad, at::Tensor
       if (norm == kL2) by_grad(std::integral_constant<int, kL2>{});
       else if (norm == kL1) by_grad(std::integral_constant<int, kL1>{});
       else by_grad(std::integral_constant<int, kHuber>{});
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      STD_CUDA_KERNEL_LAUNCH_CHECK();
       finalize_kernel<<<(unsigned)((rows.B + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
           partial.const_data_ptr<float>(), L.nchunks, rows.B, rows.D, rows.ptrs.weight, norm,
           huber_c, loss.mutable_data_ptr<float>(), grad ? scale.mutable_data_ptr<float>() : nullptr);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      STD_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
 }
 
-void cuda_scale_rows(const Rows& rows, const float* s1, const float* s2, at::Tensor& out) {
-  const c10::cuda::CUDAGuard guard(out.device());
-  auto stream = at::cuda::getCurrentCUDAStream();
+void cuda_scale_rows(const Rows& rows, const float* s1, const float* s2, Tensor& out) {
+  const torch::stable::accelerator::DeviceGuard guard(out.get_device_index());
+  const cudaStream_t stream = current_stream(out);
   PID_DISPATCH_FLOATS(out.scalar_type(), "pid_fast::scale_rows", [&] {
     using T = scalar_t;
     with_vec<T>(pick_vec<T>(rows, {out}), [&](auto VC) {
@@ -314,7 +324,7 @@ void cuda_scale_rows(const Rows& rows, const float* s1, const float* s2, at::Ten
       scale_rows_kernel<T, V><<<L.grid, kThreads, 0, stream>>>(
           rows.streams[0].const_data_ptr<T>(), s1, s2, out.mutable_data_ptr<T>(), rows.D, L.chunk,
           L.nchunks);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      STD_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
 }

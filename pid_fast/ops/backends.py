@@ -42,7 +42,8 @@ def build_info() -> dict:
 
 
 extension.load()
-library.register_fakes("pid_fast")  # the C++ ops' autograd kernels are in csrc/pid_autograd.cpp
+library.register_fakes("pid_fast")
+library.register_autograd("pid_fast")  # the stable ABI has no C++ autograd Function
 _COMPILED = extension.compiled_info()  # read once: torch.compile traces the backend choice
 
 

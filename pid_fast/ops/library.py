@@ -76,7 +76,8 @@ def _per_row_derivatives(t, t2, a1, b1, a2, b2, sigma_max):
 
 
 def register_autograd(ns: str) -> None:
-    """Autograd formulas of assemble/residual/loss in namespace ``ns`` (same for every backend:
+    """Autograd formulas of assemble/residual/loss in namespace ``ns`` (same for every backend,
+    the compiled ops included: the LibTorch Stable ABI they are built on has no C++ autograd;
     the backward is a per-row scaling done by the namespace's own ``scale_rows``)."""
     scale_rows = getattr(torch.ops, ns).scale_rows
 
