@@ -3,7 +3,9 @@
 
 - ``__init__.py``: ``main``, the click group; each command module attaches its commands;
 - ``__main__.py``: ``python -m pid_fast.cli`` (e.g. under torchrun);
-- ``distill.py``: ``distill`` (PID training) and ``sample`` (one-step samples of a checkpoint);
+- ``distill.py``: ``distill`` (PID training), ``sample`` (one-step samples of a checkpoint),
+  ``power-ema`` (an EMA of any length rebuilt from power-EMA snapshots, train/power_ema.py) and
+  ``export-diffusers`` (a diffusers student as a save_pretrained folder);
 - ``evaluate.py``: ``fid`` (FD / KID of images, a checkpoint, or every checkpoint of a run);
 - ``demo.py``: ``demo`` (the offline digits demo), ``train-teacher`` and ``train-features``
   (the demo's bundled files);
@@ -29,7 +31,7 @@ def _register_commands() -> None:
     from pid_fast.cli import convert, demo, distill, evaluate
 
     convert.register(main)  # convert
-    distill.register(main)  # distill, sample
+    distill.register(main)  # distill, sample, export-diffusers
     evaluate.register(main)  # fid
     demo.register(main)  # demo, train-teacher, train-features
 

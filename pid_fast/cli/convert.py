@@ -1,4 +1,4 @@
-"""`pid-fast convert`: an EDM network-snapshot .pkl to a pid_fast safetensors file."""
+"""`pid-fast convert`: an EDM or EDM2 network-snapshot .pkl to a pid_fast safetensors file."""
 
 from __future__ import annotations
 
@@ -15,17 +15,18 @@ import click
               help="Check the weights against a named network config (e.g. cifar10-ddpmpp).")
 @click.option("--overwrite", is_flag=True, help="Replace DESTINATION if it exists.")
 @click.option("--allow-unknown-source", is_flag=True,
-              help="Accept a snapshot whose embedded network source is not a released EDM version "
+              help="Accept a snapshot whose embedded network source is not a released EDM/EDM2 version "
                    "(its hash is recorded in DESTINATION's metadata).")
 def convert(source: str, destination: str, key: str, expect: str | None, overwrite: bool,
             allow_unknown_source: bool) -> None:
-    """Convert an EDM network-snapshot .pkl to a pid_fast safetensors file.
+    """Convert an EDM or EDM2 network-snapshot .pkl to a pid_fast safetensors file.
 
     The pickle is read by an allow-listing unpickler: the Python source embedded in the
     file is never executed, and a file that references anything else is refused.
-    The output holds the raw network weights (no 'model.' prefix, no map_augment) and the
-    architecture/preconditioning config as JSON metadata ('pid_fast.config').
-    A network whose embedded source is not one of the released EDM versions is refused
+    The output holds the raw network weights (no 'model.' / 'unet.' prefix, no map_augment, no
+    EDM2 logvar head; EDM2's fp16 weights in fp32) and the architecture/preconditioning config
+    (for EDM2 also its encoder: the latent scaling) as JSON metadata ('pid_fast.config').
+    A network whose embedded source is not one of the released EDM / EDM2 versions is refused
     unless --allow-unknown-source is given.
     """
     from pid_fast.io import (CheckpointFormatError, ConfigMismatchError, UnknownSourceError, UnsafeCheckpointError,
@@ -49,7 +50,13 @@ def convert(source: str, destination: str, key: str, expect: str | None, overwri
     click.echo(f"{source} [{key}] -> {destination}")
     click.echo(f"  {network['model_type']} with {ckpt.config['precond']} preconditioning, "
                f"{len(ckpt.state_dict)} tensors, {params:,} values"
-               + (f", dropped {len(ckpt.dropped_keys)} map_augment tensor(s)" if ckpt.dropped_keys else ""))
+               + (f", dropped {len(ckpt.dropped_keys)} tensor(s) that D does not use "
+                  f"({', '.join(sorted({k.split('.')[-2] for k in ckpt.dropped_keys}))})"
+                  if ckpt.dropped_keys else ""))
+    encoder = ckpt.config.get("encoder")
+    if encoder and encoder["kind"] == "stability-vae":
+        click.echo(f"  latent teacher: decode samples with the VAE {encoder['vae_name']!r} (a local copy; "
+                   f"latent scale {encoder['scale']}, bias {encoder['bias']})")
     for accepted in ckpt.unknown_sources:
         click.echo(f"  accepted an unknown network source for {accepted['object']} ({accepted['class_name']}): "
                    f"sha256 {accepted['module_src_sha256']} (recorded in the output's metadata)")

@@ -93,6 +93,9 @@ def train_features(out, epochs, seed, threads, overwrite, no_progress) -> None:
 @click.option("--weights", default=None,
               help="Student weights to score: 'auto' (default: the slowest EMA that has forgotten the "
                    "initial weights), 'model' or 'ema-<rate>'.")
+@click.option("--teacher-share", type=click.FloatRange(min=0, max=1, max_open=True), default=None,
+              help="Score the chosen weights blended with this share of the initial (teacher's) weights "
+                   "(default 0; benchmarks/results/convergence.md).")
 @click.option("--teacher", "teacher_path", default=None, type=click.Path(dir_okay=False),
               help="Teacher file (default: the bundled digits teacher).")
 @click.option("--features", "features_path", default=None, type=click.Path(dir_okay=False),
@@ -105,7 +108,8 @@ def train_features(out, epochs, seed, threads, overwrite, no_progress) -> None:
               help="torch CPU threads (default: the faster of 1 and all cores, timed at start-up).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--no-progress", is_flag=True)
-def demo(out_dir, steps, batch_size, lr, N, norm, max_minutes, no_time_limit, num_samples, weights, teacher_path,
+def demo(out_dir, steps, batch_size, lr, N, norm, max_minutes, no_time_limit, num_samples, weights, teacher_share,
+         teacher_path,
          features_path, analytic, resume, overwrite, threads, seed, no_progress) -> None:
     """Distil the bundled digits teacher into a one-step student on the CPU, offline, and
     compare: FD of the student (1 step), the teacher's Heun (35 evaluations) and Euler (1 step)."""
@@ -114,7 +118,7 @@ def demo(out_dir, steps, batch_size, lr, N, norm, max_minutes, no_time_limit, nu
     from pid_fast.demo.run import run_demo
 
     kwargs = {"steps": steps, "batch_size": batch_size, "lr": lr, "N": N, "norm": norm, "num_samples": num_samples,
-              "weights": weights, "max_minutes": max_minutes}
+              "weights": weights, "teacher_share": teacher_share, "max_minutes": max_minutes}
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     if norm is not None and norm != "huber":
         kwargs["huber_c"] = None

@@ -6,6 +6,7 @@ pid_fast/cli/__init__.py).
     torchrun --nproc_per_node 8 -m pid_fast.cli distill --config configs/cifar10-uncond.json --run-dir runs/c10
     pid-fast distill --config configs/cifar10-uncond.json --run-dir runs/c10 --resume
     pid-fast sample runs/tiny samples.npz --num 1000 --weights ema-0.999
+    pid-fast export-diffusers runs/ddpm one-step/    # a diffusers student as a save_pretrained folder
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import click
 from pid_fast.cli.requirements import require
 from pid_fast.models.precision import PRECISION_MODES
 
-__all__ = ["distill", "sample", "register"]
+__all__ = ["distill", "sample", "export_diffusers", "register"]
 
 # What a missing or unreadable file (teacher, LPIPS weights, checkpoint) or a bad value raises
 # before training starts; a command turns them into one `Error: ...` line.
@@ -49,6 +50,8 @@ def _require_for(config) -> None:
     if loss["norm"] == "lpips" and not (avg_pooling and loss["lpips_lin_weights"]):
         modules.append("lpips")  # max pooling's network, or the default heads file (vgg.pth) it ships
     require("lpips", *modules)
+    if config["teacher"]["kind"] == "diffusers":
+        require("diffusers", "diffusers")
 
 
 def _set_threads(config, threads) -> None:
@@ -152,7 +155,10 @@ def _write_samples(x, labels, seeds, out: str) -> None:
                    "'ema' (the slowest EMA) or 'ema-<rate>', e.g. ema-0.9999.")
 @click.option("--class-label", type=int, default=None, help="Fixed class for class-conditional students.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-def sample(checkpoint, out, num, seed_start, batch, weights, class_label, device) -> None:
+@click.option("--vae", default=None, metavar="DIR", type=click.Path(exists=True, file_okay=False),
+              help="A latent student (e.g. EDM2 img512): decode its samples with this local "
+                   "diffusers AutoencoderKL folder (EDM2's latent scaling; pid_fast.eval.vae).")
+def sample(checkpoint, out, num, seed_start, batch, weights, class_label, device, vae) -> None:
     """One-step samples from a training CHECKPOINT (a file or a run folder) into OUT: a
     folder of PNGs, or an .npz with 'images' (uint8 NHWC), 'x' (float32 NCHW in [-1, 1],
     unquantised), 'seeds' and 'labels'."""
@@ -167,18 +173,57 @@ def sample(checkpoint, out, num, seed_start, batch, weights, class_label, device
     device = pick_device(device)
     if not out.endswith(".npz"):
         require(None, "PIL")  # PNG files
+    if vae is not None:
+        require("diffusers", "diffusers")
     try:
         net, meta, used = load_scored_student(checkpoint, weights=weights, device=device)
+        decode = None
+        if vae is not None:  # a latent student: its samples go through the VAE
+            from pid_fast.eval.vae import LatentDecoder
+            decode = LatentDecoder.from_path(vae, device=device)
         seeds = list(range(seed_start, seed_start + num))
-        x, labels = generate(net, meta, seeds, batch=batch, device=device, class_label=class_label)
-    except (*_FILE_ERRORS, RuntimeError) as exc:  # RuntimeError: a damaged .pt
+        x, labels = generate(net, meta, seeds, batch=batch, device=device, class_label=class_label, decode=decode)
+    except (*_FILE_ERRORS, RuntimeError, ImportError) as exc:  # a damaged .pt; a diffusers student without diffusers
         raise click.ClickException(str(exc)) from None
     _write_samples(x, labels, seeds, out)
     how = f"{used}, picked by the 'auto' rule" if weights == "auto" else used
     click.echo(f"{num} samples from {meta['path']} (step {meta['step']}, weights {how}) -> {out}")
 
 
+@click.command("export-diffusers")
+@click.argument("checkpoint", type=click.Path(exists=True))
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--weights", default="auto", show_default=True,
+              help="'auto' (as for `sample`), 'model', 'ema' (the slowest EMA) or 'ema-<rate>'.")
+@click.option("--overwrite", is_flag=True, help="Write into OUT even if it exists.")
+def export_diffusers(checkpoint, out, weights, overwrite) -> None:
+    """Export the diffusers student of a training CHECKPOINT (a file or a run folder) to OUT:
+    OUT/unet/ (save_pretrained; load it with diffusers' from_pretrained) and OUT/pid_one_step.json,
+    the constants of the one-step sample (pid_fast.io.diffusers_io explains the call)."""
+    from pid_fast.cli.common import check_out
+    from pid_fast.eval.checkpoints import load_scored_student
+    from pid_fast.io.diffusers_io import export_one_step
+    from pid_fast.models.diffusers_adapter import DiffusersUNet
+
+    require("diffusers", "diffusers")
+    check_out(out, overwrite)
+    try:
+        net, meta, used = load_scored_student(checkpoint, weights=weights, device="cpu")
+    except (*_FILE_ERRORS, RuntimeError, ImportError) as exc:
+        raise click.ClickException(str(exc)) from None
+    if not isinstance(net, DiffusersUNet):
+        raise click.ClickException(f"{meta['path']}: its student is not a diffusers UNet (teacher kind 'diffusers' "
+                                   f"trains one); nothing to export")
+    settings = export_one_step(net, meta, out)
+    click.echo(f"student of {meta['path']} (step {meta['step']}, weights {used}) -> {out}/unet; one-step settings "
+               f"(timestep {settings['timestep']:.4g}) -> {out}/pid_one_step.json")
+
+
 def register(group: click.Group) -> None:
-    """Attach `distill` and `sample` to a click group (e.g. pid_fast.cli.main)."""
+    """Attach `distill`, `sample`, `power-ema` and `export-diffusers` to a click group (e.g. pid_fast.cli.main)."""
+    from pid_fast.cli.power_ema import power_ema
+
     group.add_command(distill)
     group.add_command(sample)
+    group.add_command(power_ema)  # EDM2's post-hoc EMA of a run's power-EMA snapshots
+    group.add_command(export_diffusers)

@@ -20,7 +20,8 @@ from pid_fast.cli.requirements import require
 __all__ = ["fid", "register"]
 
 # What a broken input raises on its way through the scoring (e.g. a damaged .pt or .npz).
-_INPUT_ERRORS = (FileNotFoundError, ValueError, RuntimeError, pickle.UnpicklingError)
+# ImportError: a diffusers student's checkpoint without diffusers installed.
+_INPUT_ERRORS = (FileNotFoundError, ValueError, RuntimeError, pickle.UnpicklingError, ImportError)
 
 
 def _is_checkpoint(path: str) -> bool:
@@ -60,7 +61,7 @@ def _reference(ref, feature_kind: str, extractor, batch: int, device: str):
 
 
 def _score_source(source, *, extractor, feature_kind, ref, num, seed_start, weights, batch, device, kid,
-                  save_stats) -> None:
+                  save_stats, vae=None) -> None:
     """The single-source path: SOURCE's features, then its distance to the reference."""
     from pid_fast.eval import metrics
 
@@ -72,7 +73,11 @@ def _score_source(source, *, extractor, feature_kind, ref, num, seed_start, weig
         n = num or 50000
         how = f"{used}, picked by the 'auto' rule" if weights == "auto" else used
         click.echo(f"generating {n} one-step samples from {meta['path']} (step {meta['step']}, weights {how}) ...")
-        images, _ = generate(net, meta, range(seed_start, seed_start + n), batch=batch, device=device)
+        decode = None
+        if vae is not None:  # a latent student: its samples go through the VAE (pid_fast.eval.vae)
+            from pid_fast.eval.vae import LatentDecoder
+            decode = LatentDecoder.from_path(vae, device=device)
+        images, _ = generate(net, meta, range(seed_start, seed_start + n), batch=batch, device=device, decode=decode)
     else:
         images = metrics.load_images(source, num=num)
     feats = metrics.features_of(extractor, images, batch=batch, device=device)
@@ -143,8 +148,11 @@ def _score_run(run_dir, *, extractor, feature_kind, ref, num, seed_start, batch,
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--kid", is_flag=True, help="Also report KID (needs reference images, not only statistics).")
 @click.option("--save-stats", default=None, metavar="OUT.npz", help="Write SOURCE's (mu, sigma) to this .npz.")
+@click.option("--vae", default=None, metavar="DIR", type=click.Path(exists=True, file_okay=False),
+              help="Checkpoint SOURCE of a latent teacher (e.g. EDM2 img512): decode the samples with this local "
+                   "diffusers AutoencoderKL folder (EDM2's latent scaling; pid_fast.eval.vae).")
 def fid(source, ref, feature_kind, inception_path, feature_net, num, seed_start, weights, all_checkpoints, batch,
-        device, kid, save_stats) -> None:
+        device, kid, save_stats, vae) -> None:
     """Frechet distance of SOURCE against reference statistics, computed with clean-fid.
 
     SOURCE is a folder of images, an .npz of images ('x' float NCHW in [-1, 1], or uint8
@@ -160,6 +168,8 @@ def fid(source, ref, feature_kind, inception_path, feature_net, num, seed_start,
             raise click.UsageError("--save-stats writes the statistics of one source; not with --all-checkpoints")
         if feature_kind == "inception" and ref is None:
             raise click.UsageError("--all-checkpoints needs --ref (reference statistics or images)")
+        if vae is not None:
+            raise click.UsageError("--vae scores one checkpoint; not with --all-checkpoints")
     elif feature_kind == "inception" and ref is None and save_stats is None:
         raise click.UsageError("give --ref (reference statistics or images) and/or --save-stats")
     needed = ["cleanfid"]
@@ -170,6 +180,8 @@ def fid(source, ref, feature_kind, inception_path, feature_net, num, seed_start,
     if os.path.isdir(source) and not _is_checkpoint(source):
         needed.append("PIL")  # a folder of images
     require("eval", *needed)
+    if vae is not None:
+        require("diffusers", "diffusers")  # the VAE
 
     extractor = _extractor(feature_kind, inception_path, feature_net, device)
     try:
@@ -179,7 +191,7 @@ def fid(source, ref, feature_kind, inception_path, feature_net, num, seed_start,
         else:
             _score_source(source, extractor=extractor, feature_kind=feature_kind, ref=ref, num=num,
                           seed_start=seed_start, weights=weights, batch=batch, device=device, kid=kid,
-                          save_stats=save_stats)
+                          save_stats=save_stats, vae=vae)
     except _INPUT_ERRORS as exc:  # e.g. a broken .pt
         raise click.ClickException(str(exc)) from None
 

@@ -69,7 +69,8 @@ def run_demo(out_dir: str | os.PathLike = "pid-demo", *, steps: int = DEMO_DEFAU
              batch_size: int = DEMO_DEFAULTS["batch_size"], lr: float = DEMO_DEFAULTS["lr"],
              N: int = DEMO_DEFAULTS["N"], norm: str = DEMO_DEFAULTS["norm"],
              huber_c: Optional[float] = DEMO_DEFAULTS["huber_c"], ema_rates=tuple(DEMO_DEFAULTS["ema_rates"]),
-             weights: str = DEMO_DEFAULTS["weights"], chunk: int = DEMO_DEFAULTS["chunk"],
+             weights: str = DEMO_DEFAULTS["weights"], teacher_share: float = DEMO_DEFAULTS["teacher_share"],
+             chunk: int = DEMO_DEFAULTS["chunk"],
              num_samples: int = DEMO_DEFAULTS["num_samples"], max_minutes: Optional[float] = DEMO_DEFAULTS["max_minutes"],
              seed: int = 0, teacher_path: Optional[str] = None, features_path: Optional[str] = None,
              analytic: bool = True, resume: bool = False, overwrite: bool = False, threads: Optional[int] = None,
@@ -92,6 +93,8 @@ def run_demo(out_dir: str | os.PathLike = "pid-demo", *, steps: int = DEMO_DEFAU
         raise ValueError(f"num_samples must be >= 2 (an FD needs a covariance), got {num_samples}")
     check_positive(max_minutes, "max_minutes", allow_none=True)
     check_int(threads, "threads", allow_none=True)
+    if isinstance(teacher_share, bool) or not isinstance(teacher_share, (int, float)) or not 0 <= teacher_share < 1:
+        raise ValueError(f"teacher_share must be a number in [0, 1), got {teacher_share!r}")
     teacher_path = os.fspath(teacher_path or DEFAULT_TEACHER)
     config = demo_config(teacher_path, steps=steps, batch_size=batch_size, lr=lr, N=N, norm=norm, huber_c=huber_c,
                          ema_rates=ema_rates, chunk=chunk, seed=seed, progress=progress)
@@ -99,7 +102,8 @@ def run_demo(out_dir: str | os.PathLike = "pid-demo", *, steps: int = DEMO_DEFAU
                   features_path=os.fspath(features_path or DEFAULT_FEATURES),
                   config=resolve_config(config),  # bad options fail here, before any work
                   steps=steps, batch_size=batch_size, N=N, norm=norm, lr=lr, ema_rates=tuple(ema_rates),
-                  weights=weights, chunk=chunk, num_samples=num_samples, max_minutes=max_minutes, seed=seed,
+                  weights=weights, teacher_share=float(teacher_share), chunk=chunk, num_samples=num_samples,
+                  max_minutes=max_minutes, seed=seed,
                   resume=resume, progress=progress, log=log)
     pick_weights(weights, ema_rates, steps)  # validates
     _prepare_folders(run, overwrite)
@@ -242,11 +246,24 @@ def _score_checkpoints(run: DemoRun, scorer: DigitsScorer, fd_by_step: dict[int,
             continue
         fd_by_step[step] = {}
         for w in run.all_weights:
-            net, meta = load_student(path, weights=w)
+            net, meta = _load_weights(run, path, w)
             x, _ = generate(net, meta, run.seeds, batch=500)
             fd_by_step[step][w] = scorer.fd(x)
         run.log(f"  step {step}: one-step FD " + ", ".join(f"{w} {v:.3f}" for w, v in fd_by_step[step].items())
                 + f"  ({run.seconds() / 60:.1f} min)")
+
+
+def _load_weights(run: DemoRun, path: str, weights: str, teacher_share: float = 0.0):
+    """(student, metadata) of 'model', 'ema-<rate>' or 'model+teacher-<share>' at a checkpoint,
+    blended as (1 - share) weights + share x the initial (teacher's) weights when share > 0."""
+    if "+teacher-" in weights:
+        weights, teacher_share = weights.split("+teacher-")[0], float(weights.split("+teacher-")[1])
+    net, meta = load_student(path, weights=weights)
+    if teacher_share:
+        initial = load_digits_teacher(run.teacher_path).model.state_dict()
+        net.load_state_dict({k: torch.lerp(v, initial[k].to(v), teacher_share) if v.is_floating_point() else v
+                             for k, v in net.state_dict().items()})
+    return net, meta
 
 
 def score(run: DemoRun, scorer: DigitsScorer, x_heun: torch.Tensor) -> tuple[dict, torch.Tensor, str, int]:
@@ -254,11 +271,12 @@ def score(run: DemoRun, scorer: DigitsScorer, x_heun: torch.Tensor) -> tuple[dic
     the final checkpoint), its samples, the weights' name and the final step."""
     final_step, final_path = max(list_checkpoints(run.run_dir))
     chosen = pick_weights(run.weights, run.ema_rates, final_step)
-    net, meta = load_student(final_path, weights=chosen)
+    net, meta = _load_weights(run, final_path, chosen, run.teacher_share)
     t0 = time.perf_counter()
     x_student, _ = generate(net, meta, run.seeds, batch=500)
     seconds = time.perf_counter() - t0
-    row = {"label": f"PID student, 1 step ({chosen})", "nfe": 1, **scorer(x_student), "seconds": seconds,
+    share = f", {100 * run.teacher_share:g}% teacher weights" if run.teacher_share else ""
+    row = {"label": f"PID student, 1 step ({chosen}{share})", "nfe": 1, **scorer(x_student), "seconds": seconds,
            "rmse_to_heun": _rmse(x_student, x_heun)}
     return row, x_student, chosen, final_step
 
@@ -297,7 +315,8 @@ def report(run: DemoRun, rows: dict, samples: dict, distillation: Distillation, 
         "steps": final_step, "requested_steps": run.steps, "stopped_early": distillation.stopped_early,
         "batch_size": run.batch_size, "distill_seconds": distillation.seconds, "total_seconds": run.seconds(),
         "fd_over_training": {"steps": distillation.steps, **curves}, "analytic": analytic_rows, "pictures": pictures,
-        "run_dir": run.run_dir, "config": run.config, "weights": chosen, "threads": torch.get_num_threads(),
+        "run_dir": run.run_dir, "config": run.config, "weights": chosen, "teacher_share": run.teacher_share,
+        "threads": torch.get_num_threads(),
         "num_samples": run.num_samples,
     }
     with open(os.path.join(run.out_dir, "summary.json"), "w") as f:

@@ -15,10 +15,19 @@ __all__ = ["DEMO_DEFAULTS", "demo_config", "DemoRun"]
 # (batch 512, 800k steps) because the budget is 1200 steps of batch 64, and EMAs short enough
 # for that budget: the raw weights are noisy at this learning rate and the EMA at 0.998
 # (half-life ~350 steps) scores far better than they do (see the FD-over-training plot).
+# A faster recipe was measured (benchmarks/results/convergence.md) but not made the default:
+# RAdam betas (0.9, 0.99) + cosine decay to 0 at step 400, scoring the raw weights blended with
+# 20% of the teacher's (``teacher_share``), reached 1.03x the teacher's FD at 400 steps, but that
+# share was picked on the scoring seeds; configs/digits-fast.json and `--teacher-share` run it.
 DEMO_DEFAULTS: dict[str, Any] = {
     "steps": 1200,
     "batch_size": 64,
     "lr": 2e-3,
+    "optimizer": "radam",
+    "betas": [0.9, 0.999],
+    "lr_schedule": {"warmup_steps": 0, "decay": "constant"},  # "cosine": to 0 at the run's steps
+    "power_sigma_rels": [],
+    "teacher_share": 0.0,
     "N": 250,
     "norm": "huber",
     "huber_c": 0.01,
@@ -31,15 +40,21 @@ DEMO_DEFAULTS: dict[str, Any] = {
 
 
 def demo_config(teacher_path: str, *, steps: int, batch_size: int, lr: float, N: int, norm: str,
-                huber_c: Optional[float], ema_rates, chunk: int, seed: int = 0, progress: bool = True) -> dict:
-    """The ``pid_fast.train`` config of the demo's distillation."""
+                huber_c: Optional[float], ema_rates, chunk: int, seed: int = 0, progress: bool = True,
+                power_sigma_rels=None) -> dict:
+    """The ``pid_fast.train`` config of the demo's distillation (optimizer, lr schedule and grid
+    as DEMO_DEFAULTS says; power EMAs: ``power_sigma_rels``, default DEMO_DEFAULTS')."""
+    sigma_rels = DEMO_DEFAULTS["power_sigma_rels"] if power_sigma_rels is None else power_sigma_rels
     return {
         "seed": seed, "device": "cpu",
         "teacher": {"kind": "edm", "path": os.fspath(teacher_path)},
         "student": {"init": "teacher", "network": None, "dropout": 0.0, "seed": 1},
         "loss": {"N": N, "norm": norm, "huber_c": huber_c if norm == "huber" else None},
-        "optimizer": {"name": "radam", "lr": lr},
+        "optimizer": {"name": DEMO_DEFAULTS["optimizer"], "lr": lr, "betas": list(DEMO_DEFAULTS["betas"])},
+        "lr_schedule": {**DEMO_DEFAULTS["lr_schedule"], "decay_steps": steps},
+        "grid": {"sampling": "uniform", "weighting": "uniform", "coarse_to_fine": []},
         "ema_rates": list(ema_rates),
+        "power_ema": {"sigma_rels": [float(s) for s in sigma_rels], "snapshot_every": chunk if sigma_rels else 0},
         "batch_size": batch_size,
         "total_steps": steps,
         "log_every": max(1, min(50, chunk)),
@@ -65,6 +80,7 @@ class DemoRun:
     lr: float
     ema_rates: tuple
     weights: str
+    teacher_share: float
     chunk: int
     num_samples: int
     max_minutes: Optional[float]
@@ -85,7 +101,8 @@ class DemoRun:
 
     @property
     def all_weights(self) -> list[str]:
-        return ["model"] + [f"ema-{float(r)}" for r in self.ema_rates]
+        blended = [f"model+teacher-{self.teacher_share:g}"] if self.teacher_share else []
+        return ["model"] + [f"ema-{float(r)}" for r in self.ema_rates] + blended
 
     def seconds(self) -> float:
         """Wall time since the run started (after its checks)."""

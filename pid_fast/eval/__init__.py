@@ -5,4 +5,5 @@
     images.py       tensors in [-1, 1] to uint8, PNG grids and folders (Pillow)
     plots.py        loss curve, FD over training, FD against N, sample comparisons (matplotlib)
     lpips.py        the LPIPS norm (VGG16, average or max pooling) from local weight files
+    vae.py          decoding latent samples through a local diffusers AutoencoderKL (EDM2's scaling)
 """

@@ -8,6 +8,8 @@
     teachers.py        read_edm_checkpoint, convert, and the one teacher loader (load_teacher_with_config)
     student_init.py    init_student_from_teacher, student_from_teacher
     atomic.py          the one atomic file writer
+    pickle_values.py   numpy dtypes/scalars/arrays rebuilt safely by the unpickler
+    diffusers_io.py    diffusers folders: load_diffusers_teacher, export_one_step / load_one_step / one_step_sample
 """
 
 from pid_fast.io.edm_config import check_network_config, infer_network_config

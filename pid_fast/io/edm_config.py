@@ -22,7 +22,7 @@ from pid_fast.io.errors import CheckpointFormatError, ConfigMismatchError
 from pid_fast.models.networks import MODEL_TYPES, build_network
 
 __all__ = ["infer_network_config", "check_network_config", "check_expected_config", "with_constructor_defaults",
-           "network_config_from_pickle"]
+           "network_config_from_pickle", "edm2_network_config_from_pickle"]
 
 _PRECOND_NAMES = {"EDMPrecond": "edm", "VPPrecond": "vp", "VEPrecond": "ve"}
 _PRECOND_FIELDS = {
@@ -42,6 +42,10 @@ _WEIGHT_FIELDS = {  # fields that the weights determine (dropout, label_dropout,
 _ARCH_FIELDS = {  # fields that define the computation
     "SongUNet": _WEIGHT_FIELDS["SongUNet"],
     "DhariwalUNet": _WEIGHT_FIELDS["DhariwalUNet"] + ("channels_per_head",),
+    "EDM2UNet": ("img_resolution", "in_channels", "out_channels", "label_dim", "model_channels", "channel_mult",
+                 "channel_mult_noise", "channel_mult_emb", "num_blocks", "attn_resolutions", "label_balance",
+                 "concat_balance", "channels_per_head", "res_balance", "attn_balance", "clip_act",
+                 "resample_filter"),
 }
 
 
@@ -70,6 +74,8 @@ def infer_network_config(state_dict: Mapping[str, torch.Tensor]) -> dict[str, An
     dropout and label_dropout leave no trace in the weights and are set to 0. Neither
     does DhariwalUNet's attention head count: it is taken as EDM's fixed 64 channels per
     head, and a network whose attention widths rule that out cannot be inferred."""
+    if "emb_fourier.freqs" in state_dict:  # EDM2's U-Net
+        return _infer_edm2_config(state_dict)
     config = _infer_weight_fields(state_dict)
     if config["model_type"] == "DhariwalUNet":
         # EDM's ADM has out_channels // 64 heads, so its attention widths are multiples of 64.
@@ -262,3 +268,63 @@ def network_config_from_pickle(model_obj: PersistentObject,
         raise ConfigMismatchError(f"recorded {model_type} arguments disagree with the weights: "
                                   + "; ".join(differences))
     return config
+
+
+# ----------------------------------------------------------------------------------------
+# EDM2 (NVlabs/edm2 `UNet`): pid_fast's EDM2UNet calls EDM2's `img_channels` in_channels (and
+# out_channels, equal to it). The weights fix the widths, the embedding sizes, the blocks and
+# where attention is; the head count, dropout and the balances leave no trace in them.
+
+def _infer_edm2_config(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """An EDM2UNet config read off the weights; 64 channels per attention head (EDM2's default)."""
+    keys, shape = set(state_dict), _shape_reader(state_dict)
+    levels, num_blocks = _encoder_levels(keys)
+    conv_in = shape(f"enc.{levels[0]}x{levels[0]}_conv.weight")
+    widths = [shape(f"enc.{r}x{r}_block0.conv_res1.weight")[0] for r in levels]
+    model_channels = widths[0]  # taken as channel_mult[0] = 1, as in all of EDM2's configs
+    if any(w % model_channels for w in widths):
+        raise ConfigMismatchError(f"infer_network_config: EDM2 widths {widths} are not multiples of the first")
+
+    def multiplier(channels: int, default: int, what: str) -> int | None:
+        if channels == default:
+            return None  # EDM2's "select based on channel_mult"
+        if channels % model_channels:
+            raise ConfigMismatchError(f"infer_network_config: {what} width {channels} is not a multiple of "
+                                      f"model_channels={model_channels}")
+        return channels // model_channels
+
+    attn = tuple(r for r in levels if f"enc.{r}x{r}_block0.attn_qkv.weight" in keys)
+    attn_widths = sorted({shape(k)[1] for k in keys if k.endswith(".attn_qkv.weight")})
+    if any(w % 64 for w in attn_widths):
+        raise ConfigMismatchError(f"infer_network_config: attention widths {attn_widths} are not multiples of "
+                                  f"EDM2's default 64 channels per head; pass the network config explicitly")
+    return dict(model_type="EDM2UNet", img_resolution=levels[0], in_channels=conv_in[1] - 1,
+                out_channels=conv_in[1] - 1,
+                label_dim=shape("emb_label.weight")[1] if "emb_label.weight" in keys else 0,
+                model_channels=model_channels, channel_mult=tuple(w // model_channels for w in widths),
+                channel_mult_noise=multiplier(shape("emb_fourier.freqs")[0], widths[0], "noise embedding"),
+                channel_mult_emb=multiplier(shape("emb_noise.weight")[0], max(widths), "embedding"),
+                num_blocks=num_blocks, attn_resolutions=attn, channels_per_head=64, dropout=0.0)
+
+
+def edm2_network_config_from_pickle(unet_obj: PersistentObject,
+                                    state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """The EDM2UNet config of an unpickled EDM2 `UNet`: its recorded constructor arguments
+    (`img_channels` renamed), every argument it left out at EDM2's default (pid_fast's are the
+    same); inferred from the weights when nothing was recorded. Raises ConfigMismatchError for
+    an argument EDM2's UNet does not have (a fork)."""
+    if unet_obj.class_name != "UNet":
+        raise CheckpointFormatError(f"EDM2 Precond wraps a {unet_obj.class_name!r}, expected EDM2's 'UNet'")
+    init_kwargs = unet_obj.state.get("_init_kwargs")
+    if not isinstance(init_kwargs, Mapping):
+        return _infer_edm2_config(state_dict)
+    config: dict[str, Any] = {"model_type": "EDM2UNet"}
+    for key, value in init_kwargs.items():
+        config["in_channels" if key == "img_channels" else str(key)] = _plain(value, f"UNet argument {key!r}")
+    config.setdefault("out_channels", config.get("in_channels"))
+    known = set(inspect.signature(MODEL_TYPES["EDM2UNet"].__init__).parameters) - {"self"}
+    unknown = sorted(set(config) - known - {"model_type"})
+    if unknown:
+        raise ConfigMismatchError(f"EDM2 UNet arguments {unknown} are not EDM2's (a modified network?)")
+    return with_constructor_defaults(config)
+

@@ -12,9 +12,13 @@ allow-listing `pickle.Unpickler` whose `find_class` only ever returns inert stan
 - tensor rebuild functions -> local functions building tensors from storages, where the
   storages (`torch.storage._load_from_bytes`) are legacy `torch.save` blobs read with
   `torch.load(..., weights_only=True)`;
-- `collections.OrderedDict`, `builtins.set`/`frozenset`, numpy dtype/scalar (non-object),
-  torch dtypes, `torch.Size`, `dnnlib.util.EasyDict` (as a plain dict) and, for
-  protocol-2 pickles, `_codecs.encode(<str>, 'latin1')`.
+- `collections.OrderedDict`, `builtins.set`/`frozenset`, numpy dtypes, scalars and arrays
+  (non-object; pickle_values.py), torch dtypes, `torch.Size`, `dnnlib.util.EasyDict` (as a
+  plain dict) and, for protocol-2 pickles, `_codecs.encode(<str>, 'latin1')`.
+
+The same reader serves EDM2's snapshots (NVlabs/edm2), written by the same persistence code:
+a dict {'ema': Precond, 'encoder': StandardRGBEncoder or StabilityVAEEncoder, 'loss_fn',
+'dataset_kwargs'}, every object of EDM2's classes a persistent object.
 
 Anything else (os.system, builtins.eval, subprocess.Popen, ...) raises
 `UnsafeCheckpointError` before it can be called. Pickle's other way to run code, the BUILD
@@ -41,6 +45,7 @@ import torch
 from torch import nn
 
 from pid_fast.io.errors import CheckpointFormatError, UnsafeCheckpointError
+from pid_fast.io.pickle_values import NDArrayMarker, numpy_dtype, numpy_frombuffer, numpy_reconstruct, numpy_scalar
 
 __all__ = ["PersistentObject", "ModuleStub", "SafeUnpickler", "load_edm_pickle", "module_state_dict",
            "convert_edm_state_dict"]
@@ -219,27 +224,6 @@ def _rebuild_parameter(data: Any, requires_grad: Any = False, backward_hooks: An
     return data  # parameters are returned as plain tensors; only their values matter here
 
 
-def _numpy_dtype(*args: Any) -> Any:
-    import numpy as np
-
-    if not args or not isinstance(args[0], str) or not all(isinstance(a, (bool, int)) for a in args[1:]):
-        raise CheckpointFormatError(f"numpy.dtype: unexpected arguments {args!r}")
-    dtype = np.dtype(args[0])
-    if dtype.hasobject:
-        raise UnsafeCheckpointError("refusing to load a numpy object dtype")
-    return np.dtype(*args)
-
-
-def _numpy_scalar(dtype: Any, data: Any = None) -> Any:
-    import numpy as np
-
-    if not isinstance(dtype, np.dtype) or dtype.hasobject:
-        raise UnsafeCheckpointError(f"refusing to build a numpy scalar of dtype {dtype!r}")
-    if not isinstance(data, (bytes, bytearray)) or len(data) != dtype.itemsize:
-        raise CheckpointFormatError(f"numpy scalar: expected {dtype.itemsize} bytes of data")
-    return np.frombuffer(bytes(data), dtype=dtype)[0]
-
-
 def _codecs_encode(text: Any, encoding: Any = "utf-8", errors: str = "strict") -> bytes:
     # Protocol-2 pickles store bytes as _codecs.encode(<str>, 'latin1').
     if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
@@ -259,9 +243,14 @@ _ALLOWED: dict[tuple[str, str], Any] = {
     ("builtins", "frozenset"): frozenset,
     ("__builtin__", "set"): set,           # protocol-2 pickles use Python 2 module names
     ("__builtin__", "frozenset"): frozenset,
-    ("numpy", "dtype"): _numpy_dtype,
-    ("numpy.core.multiarray", "scalar"): _numpy_scalar,
-    ("numpy._core.multiarray", "scalar"): _numpy_scalar,
+    ("numpy", "dtype"): numpy_dtype,
+    ("numpy.core.multiarray", "scalar"): numpy_scalar,
+    ("numpy._core.multiarray", "scalar"): numpy_scalar,
+    ("numpy.core.multiarray", "_reconstruct"): numpy_reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): numpy_reconstruct,
+    ("numpy.core.numeric", "_frombuffer"): numpy_frombuffer,
+    ("numpy._core.numeric", "_frombuffer"): numpy_frombuffer,
+    ("numpy", "ndarray"): NDArrayMarker,
     ("_codecs", "encode"): _codecs_encode,
     ("torch", "Size"): torch.Size,
     ("dnnlib.util", "EasyDict"): _EasyDictStub,
@@ -276,9 +265,9 @@ class SafeUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str) -> Any:
         allowed = _ALLOWED.get((module, name))
-        if allowed is _EasyDictStub:
-            return type("EasyDict", (_EasyDictStub,), {})
-        if isinstance(allowed, type):  # builtin types (OrderedDict, set, ...): immutable
+        if allowed is _EasyDictStub or allowed is NDArrayMarker:  # a fresh class: BUILD cannot alter a shared one
+            return type(name, (allowed,), {})
+        if isinstance(allowed, type):  # builtin types (OrderedDict, set, ...) and inert markers
             return allowed
         if allowed is not None:
             return _AllowedCall(allowed, f"{module}.{name}")
@@ -294,6 +283,7 @@ class SafeUnpickler(pickle.Unpickler):
             f"refusing to load {module}.{name}: it is not on the allow-list of this EDM checkpoint reader "
             f"(the file may be malicious, or not an EDM network snapshot); nothing was executed")
 
+    def persistent_load(self, pid: Any) -> Any:
         raise UnsafeCheckpointError("refusing to load a persistent id (this is not an EDM pickle layout)")
 
 

@@ -29,7 +29,7 @@ from typing import Any, Iterator, Mapping
 from pid_fast.io.edm_pickle import ModuleStub, PersistentObject
 from pid_fast.io.errors import UnknownSourceError
 
-__all__ = ["KNOWN_EDM_SOURCES", "unknown_sources", "check_sources"]
+__all__ = ["KNOWN_EDM_SOURCES", "KNOWN_EDM2_SOURCES", "unknown_sources", "check_sources"]
 
 # sha256 of the module source text -> where it comes from.
 KNOWN_EDM_SOURCES: dict[str, str] = {
@@ -37,6 +37,18 @@ KNOWN_EDM_SOURCES: dict[str, str] = {
         "NVlabs/edm training/networks.py @ 0a2ff34 (2022-10-31, initial release)",
     "5db27dcd96674b95c72d5e6491b879cdc35e24039ada3411b4b46a28ed1fe284":
         "NVlabs/edm training/networks.py @ b2a26c9 (2022-11-21, 'Fix to #2'; current main)",
+}
+
+
+# The same for EDM2 (NVlabs/edm2): sha256 of `training/networks_edm2.py`, which defines every
+# class of an EDM2 network (Precond, UNet, Block, MPConv, MPFourier). Verified: the file has one
+# version in the released repository's history (commits d8299d3 .. 4bf8162 leave it unchanged;
+# LF-only, UTF-8, ends in a newline). Not verified: that the published edm2-img*.pkl files embed
+# exactly this text (same caveat as above). A separate table: an EDM2 class name must come with
+# EDM2's source, never with EDM's.
+KNOWN_EDM2_SOURCES: dict[str, str] = {
+    "7298880db4bf955d2941496cce3a554a970867b3eae4d22276cb1c293c131fa2":
+        "NVlabs/edm2 training/networks_edm2.py @ d8299d3 (2024-03-18, initial release; unchanged on main)",
 }
 
 
@@ -51,29 +63,35 @@ def _persistent_objects(node: Any, path: str) -> Iterator[tuple[str, PersistentO
                 yield from _persistent_objects(child, f"{path}.{name}")
 
 
-def unknown_sources(network: Any, path: str = "ema") -> list[dict[str, str]]:
-    """One record {'object', 'class_name', 'module_src_sha256'} per distinct unknown source in
-    the network tree (the first object that embeds it names it)."""
+def unknown_sources(network: Any, path: str = "ema",
+                    known: Mapping[str, str] | None = None) -> list[dict[str, str]]:
+    """One record {'object', 'class_name', 'module_src_sha256'} per distinct source in the network
+    tree that is not in `known` (default KNOWN_EDM_SOURCES; the first object embedding it names it)."""
+    known = KNOWN_EDM_SOURCES if known is None else known
     found: dict[str, dict[str, str]] = {}
     for where, obj in _persistent_objects(network, path):
-        if obj.module_src_sha256 not in KNOWN_EDM_SOURCES and obj.module_src_sha256 not in found:
+        if obj.module_src_sha256 not in known and obj.module_src_sha256 not in found:
             found[obj.module_src_sha256] = {"object": where, "class_name": obj.class_name,
                                             "module_src_sha256": obj.module_src_sha256}
     return list(found.values())
 
 
-def check_sources(network: Any, path: str = "ema", allow_unknown_source: bool = False) -> list[dict[str, str]]:
-    """The unknown sources of `network` (see unknown_sources); raises UnknownSourceError if there
+def check_sources(network: Any, path: str = "ema", allow_unknown_source: bool = False, *,
+                  known: Mapping[str, str] | None = None, family: str = "EDM") -> list[dict[str, str]]:
+    """The unknown sources of `network` (see unknown_sources; `known` defaults to
+    KNOWN_EDM_SOURCES, KNOWN_EDM2_SOURCES for family 'EDM2'); raises UnknownSourceError if there
     are any and `allow_unknown_source` is false."""
-    unknown = unknown_sources(network, path)
+    if known is None:
+        known = KNOWN_EDM2_SOURCES if family == "EDM2" else KNOWN_EDM_SOURCES
+    unknown = unknown_sources(network, path, known)
     if unknown and not allow_unknown_source:
         first = unknown[0]
         more = f" (and {len(unknown) - 1} other unknown source(s))" if len(unknown) > 1 else ""
         raise UnknownSourceError(
             f"{first['object']} ({first['class_name']}) was pickled with a network module whose source is not a "
-            f"released EDM version (embedded module_src sha256 {first['module_src_sha256']}){more}. pid_fast would "
-            f"map its weights onto EDM's stock {first['class_name']}, which computes what the released code "
+            f"released {family} version (embedded module_src sha256 {first['module_src_sha256']}){more}. "
+            f"pid_fast would map its weights onto {family}'s stock {first['class_name']}, which computes what the released code "
             f"computes, not necessarily what this file's code does (a fork may change the forward pass). If you "
-            f"know the source matches EDM's, accept it explicitly with allow_unknown_source=True "
+            f"know the source matches {family}'s, accept it explicitly with allow_unknown_source=True "
             f"(pid-fast convert --allow-unknown-source); the converted file then records the accepted hash.")
     return unknown

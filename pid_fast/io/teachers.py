@@ -1,11 +1,18 @@
-"""Teachers from files: EDM snapshots read safely (`read_edm_checkpoint`), their conversion
-to pid_fast's safetensors format (`convert`), and the one teacher loader that the trainer,
-the CLI and the demo use (`load_teacher_with_config` / `load_teacher`)."""
+"""Teachers from files: EDM and EDM2 snapshots read safely (`read_edm_checkpoint`), their
+conversion to pid_fast's safetensors format (`convert`), and the one teacher loader that the
+trainer, the CLI and the demo use (`load_teacher_with_config` / `load_teacher`).
+
+An EDM2 snapshot (NVlabs/edm2: {'ema': Precond, 'encoder', 'loss_fn', 'dataset_kwargs'}) becomes
+EDMPrecond(EDM2UNet) (EDM2's Precond is EDM's preconditioning; its uncertainty head, unused by
+D, is listed in `dropped_keys`), with weights in fp32 (EDM2 stores them in fp16) and the
+snapshot's encoder recorded under config['encoder'] ({'kind': 'rgb'} or {'kind': 'stability-vae',
+'vae_name', 'scale', 'bias'}: final latents = scale * raw latents + bias, pid_fast.eval.vae)."""
 
 from __future__ import annotations
 
 import collections
 import json
+import math
 import os
 from typing import IO, Any, Mapping, NamedTuple
 
@@ -13,8 +20,10 @@ import torch
 from torch import nn
 
 from pid_fast.io.edm_config import (_PRECOND_FIELDS, _PRECOND_NAMES, _json_float, _plain, check_expected_config,
-                                    check_network_config, network_config_from_pickle)
+                                    check_network_config, edm2_network_config_from_pickle,
+                                    network_config_from_pickle)
 from pid_fast.io.edm_pickle import PersistentObject, convert_edm_state_dict, load_edm_pickle, module_state_dict
+from pid_fast.io.pickle_values import ArrayStub
 from pid_fast.io.edm_sources import check_sources
 from pid_fast.io.errors import CheckpointFormatError, ConfigMismatchError
 from pid_fast.io.safetensors_io import UNKNOWN_SOURCE_METADATA_KEY, load_checkpoint, save_checkpoint
@@ -23,9 +32,10 @@ __all__ = ["EDMCheckpoint", "read_edm_checkpoint", "convert", "load_teacher_with
 
 
 class EDMCheckpoint(NamedTuple):
-    """A converted EDM snapshot: the raw network state_dict (no `model.` prefix, no
-    map_augment), the teacher config {'precond', <precond kwargs>, 'use_fp16', 'network'},
-    the dropped map_augment keys, and the unknown network sources the caller accepted
+    """A converted EDM or EDM2 snapshot: the raw network state_dict (no `model.` / `unet.`
+    prefix, no map_augment), the teacher config {'precond', <precond kwargs>, 'use_fp16',
+    'network'} (+ 'encoder' for EDM2), the dropped keys (EDM's map_augment, EDM2's logvar
+    head), and the unknown network sources the caller accepted
     (records {'object', 'class_name', 'module_src_sha256'}; empty for released EDM code)."""
     state_dict: "collections.OrderedDict[str, torch.Tensor]"
     config: dict[str, Any]
@@ -41,15 +51,18 @@ def _select_network(top: Any, key: str) -> PersistentObject:
         net = top[key]
     if not isinstance(net, PersistentObject):
         raise CheckpointFormatError(f"entry {key!r} is a {type(net).__name__}, not an EDM persistent network")
-    if net.class_name not in _PRECOND_NAMES:
+    if net.class_name not in _PRECOND_NAMES and net.class_name != _EDM2_PRECOND:
         raise CheckpointFormatError(f"entry {key!r} is a {net.class_name}; supported preconditionings: "
-                                    f"{sorted(_PRECOND_NAMES)}")
+                                    f"{sorted(_PRECOND_NAMES)} (EDM), {_EDM2_PRECOND!r} (EDM2)")
     return net
+
+
+_EDM2_PRECOND = "Precond"  # EDM2's class: EDM's preconditioning of an EDM2 UNet
 
 
 def _teacher_config(net: PersistentObject, network: dict[str, Any]) -> dict[str, Any]:
     # {'precond', 'use_fp16', <the preconditioning's recorded fields>, 'network'}.
-    precond = _PRECOND_NAMES[net.class_name]
+    precond = "edm" if net.class_name == _EDM2_PRECOND else _PRECOND_NAMES[net.class_name]
     config: dict[str, Any] = {"precond": precond, "use_fp16": bool(net.state.get("use_fp16", False))}
     for field in _PRECOND_FIELDS[precond]:
         if field in net.state:
@@ -72,7 +85,13 @@ def read_edm_checkpoint(source: str | os.PathLike | bytes | IO[bytes], key: str 
     and raises ConfigMismatchError naming the differing fields. A network whose embedded
     source is not a released EDM version raises UnknownSourceError unless
     `allow_unknown_source` (see pid_fast.io.edm_sources)."""
-    net = _select_network(load_edm_pickle(source), key)
+    top = load_edm_pickle(source)
+    net = _select_network(top, key)
+    if net.class_name == _EDM2_PRECOND:
+        ckpt = _read_edm2(net, key, allow_unknown_source, top.get("encoder") if isinstance(top, dict) else None)
+        if expect is not None:
+            check_expected_config(expect, ckpt.config["network"])
+        return ckpt
     accepted = check_sources(net, key, allow_unknown_source)
     full = module_state_dict(net)
     dropped = tuple(k for k in full if "map_augment" in k)
@@ -88,6 +107,59 @@ def read_edm_checkpoint(source: str | os.PathLike | bytes | IO[bytes], key: str 
     return EDMCheckpoint(state_dict, config, dropped, tuple(accepted))
 
 
+def _read_edm2(net: PersistentObject, key: str, allow_unknown_source: bool, encoder: Any) -> EDMCheckpoint:
+    """An EDM2 Precond: `unet.*` weights (in fp32) and EDM2UNet config; the logvar head dropped."""
+    accepted = check_sources(net, key, allow_unknown_source, family="EDM2")
+    state_dict: collections.OrderedDict[str, torch.Tensor] = collections.OrderedDict()
+    dropped = []
+    for name, tensor in module_state_dict(net).items():
+        if name.startswith("unet."):
+            state_dict[name[len("unet."):]] = tensor.float() if tensor.is_floating_point() else tensor
+        elif name.startswith(("logvar_fourier.", "logvar_linear.")):
+            dropped.append(name)
+        else:
+            raise CheckpointFormatError(f"unexpected key {name!r} in an EDM2 Precond (expected unet.* and logvar_*)")
+    unet = net.state.get("_modules", {}).get("unet")
+    if not isinstance(unet, PersistentObject):
+        raise CheckpointFormatError("EDM2 Precond has no persistent 'unet' submodule")
+    network = edm2_network_config_from_pickle(unet, state_dict)
+    check_network_config(network, state_dict)
+    config = _teacher_config(net, network)
+    described = _encoder_config(encoder)
+    if described is not None:
+        config["encoder"] = described
+    return EDMCheckpoint(state_dict, config, tuple(dropped), tuple(accepted))
+
+
+def _float_list(value: Any, where: str) -> list[float]:
+    # EDM2 keeps the encoder's scale/bias as float32 numpy arrays (a scalar when broadcast).
+    values = value.array.reshape(-1).tolist() if isinstance(value, ArrayStub) else _plain(value, where)
+    values = list(values) if isinstance(values, (tuple, list)) else [values]
+    if not values or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                             for v in values):
+        raise CheckpointFormatError(f"{where}: expected finite numbers, got {values!r}")
+    return [float(v) for v in values]
+
+
+def _encoder_config(encoder: Any) -> dict[str, Any] | None:
+    """EDM2's encoder entry as data: {'kind': 'rgb'} (pixels in [-1, 1]) or {'kind':
+    'stability-vae', 'vae_name', 'scale', 'bias'}; None when absent or of another class."""
+    if not isinstance(encoder, PersistentObject):
+        return None
+    if encoder.class_name == "StandardRGBEncoder":
+        return {"kind": "rgb"}
+    if encoder.class_name != "StabilityVAEEncoder":
+        return None
+    state = encoder.state
+    scale = _float_list(state.get("scale"), "encoder.scale")
+    bias = _float_list(state.get("bias"), "encoder.bias")
+    if any(v == 0 for v in scale):
+        raise CheckpointFormatError("encoder.scale: a zero scale cannot be inverted")
+    vae_name = state.get("vae_name")
+    return {"kind": "stability-vae", "vae_name": vae_name if isinstance(vae_name, str) else None,
+            "scale": scale, "bias": bias}
+
+
 def convert(source: str | os.PathLike, destination: str | os.PathLike, key: str = "ema",
             expect: str | Mapping[str, Any] | None = None, *, allow_unknown_source: bool = False) -> EDMCheckpoint:
     """EDM .pkl -> pid_fast safetensors (what `pid-fast convert` runs). An accepted unknown
@@ -101,20 +173,21 @@ def convert(source: str | os.PathLike, destination: str | os.PathLike, key: str 
 def _is_pickle(path: str) -> bool:
     # EDM snapshots are pickles (first byte PROTO, 0x80); safetensors files start with an
     # 8-byte header length followed by '{'. Anything else goes by its file extension.
+    # The safetensors test comes first: a header length whose low byte is 0x80 looks like PROTO.
     with open(path, "rb") as f:
         head = f.read(9)
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < os.path.getsize(path):
+        return False
     if head[:1] == b"\x80":
         return True
-    if len(head) == 9 and head[8:9] == b"{":
-        return False
     return path.endswith(".pkl")
 
 
 def load_teacher_with_config(path: str | os.PathLike, *, key: str = "ema", device: str | torch.device = "cpu",
                              allow_unknown_source: bool = False,
                              name: str = "teacher") -> tuple[nn.Module, dict[str, Any]]:
-    """(frozen eval-mode preconditioned teacher on `device`, its teacher config) from an EDM
-    snapshot .pkl (its `key` entry, read safely) or a file written by `pid-fast convert`.
+    """(frozen eval-mode preconditioned teacher on `device`, its teacher config) from an EDM or
+    EDM2 snapshot .pkl (its `key` entry, read safely) or a file written by `pid-fast convert`.
 
     The weights are checked against the config and loaded strictly. `name` is how error
     messages call the path (e.g. 'teacher.path')."""
@@ -132,8 +205,8 @@ def load_teacher_with_config(path: str | os.PathLike, *, key: str = "ema", devic
     if not isinstance(config.get("network"), Mapping):
         raise CheckpointFormatError(f"{path}: its config has no 'network' entry")
     check_network_config(config["network"], state_dict)
-    try:
-        teacher = build_denoiser(config, device="meta")
+    try:  # 'encoder' (EDM2) describes the data space, not the denoiser
+        teacher = build_denoiser({k: v for k, v in config.items() if k != "encoder"}, device="meta")
     except ValueError as exc:
         raise CheckpointFormatError(f"{path}: invalid teacher config: {exc}") from None
     teacher.model.load_state_dict(state_dict, strict=True, assign=True)

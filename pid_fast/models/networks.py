@@ -1,6 +1,6 @@
 """Networks by name: EDM's U-Nets (Karras et al. 2022), SongUNet (DDPM++ / NCSN++) and
-DhariwalUNet (ADM), as plain config dicts, and the builder. The layers are in layers.py, the
-U-Nets in unets.py (re-exported here).
+DhariwalUNet (ADM), and EDM2's U-Net (Karras et al. 2024, edm2.py), as plain config dicts, and the
+builder. The layers are in layers.py, the U-Nets in unets.py and edm2.py (re-exported here).
 
 The modules below are an independent implementation whose parameter and buffer names,
 shapes and registration rules follow NVlabs/edm `training/networks.py`, so that the
@@ -25,18 +25,19 @@ from torch import nn
 
 from pid_fast.models.layers import (Conv2d, FourierEmbedding, GroupNorm, Linear,  # noqa: F401
                                     PositionalEmbedding, UNetBlock, weight_init)
+from pid_fast.models.edm2 import EDM2UNet
 from pid_fast.models.unets import DhariwalUNet, SongUNet
 
 __all__ = [
     "weight_init", "Linear", "Conv2d", "GroupNorm", "UNetBlock", "PositionalEmbedding",
-    "FourierEmbedding", "SongUNet", "DhariwalUNet", "NETWORK_CONFIGS", "MODEL_TYPES",
+    "FourierEmbedding", "SongUNet", "DhariwalUNet", "EDM2UNet", "NETWORK_CONFIGS", "MODEL_TYPES",
     "network_config", "build_network", "count_parameters",
 ]
 
 # ----------------------------------------------------------------------------------------
 # Named configurations (plain dicts: `model_type` + the constructor's keyword arguments).
 
-MODEL_TYPES: dict[str, type[nn.Module]] = {"SongUNet": SongUNet, "DhariwalUNet": DhariwalUNet}
+MODEL_TYPES: dict[str, type[nn.Module]] = {"SongUNet": SongUNet, "DhariwalUNet": DhariwalUNet, "EDM2UNet": EDM2UNet}
 
 _DDPMPP = dict(model_type="SongUNet", embedding_type="positional", encoder_type="standard",
                decoder_type="standard", channel_mult_noise=1, resample_filter=(1, 1))
@@ -70,6 +71,25 @@ NETWORK_CONFIGS: dict[str, dict[str, Any]] = {
                      attn_resolutions=(4,), dropout=0.0, channels_per_head=16),
 }
 NETWORK_CONFIGS["cifar10-ddpmpp-uncond"] = NETWORK_CONFIGS["cifar10-ddpmpp"]
+
+# EDM2's networks (Karras et al. 2024, config G; NVlabs/edm2 train_edm2.py presets): one
+# architecture, channel_mult (1, 2, 3, 4), 3 blocks per level, attention at 16x16 and 8x8, 1000
+# ImageNet classes; the sizes differ in model_channels and dropout. img64: RGB pixels; img512:
+# 4-channel 64x64 latents of Stability's VAE (pid_fast.eval.vae decodes them).
+_EDM2 = dict(model_type="EDM2UNet", img_resolution=64, label_dim=1000, channel_mult=(1, 2, 3, 4), num_blocks=3,
+             attn_resolutions=(16, 8))
+_EDM2_SIZES = {"xxs": (64, 0.0), "xs": (128, 0.0), "s": (192, 0.0), "m": (256, 0.1), "l": (320, 0.1),
+               "xl": (384, 0.1), "xxl": (448, 0.1)}
+for _size, (_channels, _dropout) in _EDM2_SIZES.items():
+    if _size not in ("xxs", "xxl"):  # EDM2's img64 presets: xs .. xl
+        NETWORK_CONFIGS[f"edm2-img64-{_size}"] = dict(_EDM2, in_channels=3, out_channels=3, model_channels=_channels,
+                                                      dropout=_dropout)
+    NETWORK_CONFIGS[f"edm2-img512-{_size}"] = dict(_EDM2, in_channels=4, out_channels=4, model_channels=_channels,
+                                                   dropout=_dropout)
+# A small EDM2 for tests and CPU runs (8x8 RGB, unconditional).
+NETWORK_CONFIGS["tiny-edm2"] = dict(model_type="EDM2UNet", img_resolution=8, in_channels=3, out_channels=3,
+                                    label_dim=0, model_channels=16, channel_mult=(1, 2), num_blocks=1,
+                                    attn_resolutions=(4,), channels_per_head=16, dropout=0.0)
 
 
 def network_config(name: str, **overrides: Any) -> dict[str, Any]:

@@ -75,11 +75,15 @@ class PrecisionMode:
 #   stream      what writes the residual stream outside the blocks' 3x3 convolutions: the
 #               first convolution and the blocks' skip projections; with these in fp32 the
 #               stream (x + update) stays fp32 through the blocks by type promotion
+# diffusers UNets (UNet2DModel / UNet2DConditionModel): time_proj/time_embedding/class_embedding,
+# each resnet's time_emb_proj, conv_norm_out/conv_out. EDM2's UNet: emb_fourier/emb_noise/
+# emb_label, each block's emb_linear, out_conv; its stream: conv_skip.
 ISLAND_PARTS: dict[str, str] = {
-    "embedding": r"(^|\.)map_(noise|label|layer0|layer1)$",
-    "modulation": r"\.affine$",
-    "output": r"(^|\.)(out_norm|out_conv|\d+x\d+_aux_(norm|conv|up))$",
-    "stream": r"(\.skip|(^|\.)enc\.\d+x\d+_conv)$",
+    "embedding": r"(^|\.)(map_(noise|label|layer0|layer1)|time_proj|time_embedding|class_embedding"
+                 r"|emb_(fourier|noise|label))$",
+    "modulation": r"\.(affine|time_emb_proj|emb_linear)$",
+    "output": r"(^|\.)(out_norm|out_conv|\d+x\d+_aux_(norm|conv|up)|conv_norm_out|conv_out)$",
+    "stream": r"(\.skip|(^|\.)enc\.\d+x\d+_conv|\.conv_skip)$",
 }
 # The mixed modes' islands. "stream" is left out: it buys 10-40% less pred error (measured) but
 # its 1x1 skip convolutions are ~5-7% of the FLOPs, which in true fp32 (no tensor cores, ~15x

@@ -10,8 +10,11 @@ import torch
 from torch import nn
 
 from pid_fast.io import init_student_from_teacher
+from pid_fast.io.diffusers_io import load_diffusers_teacher
 from pid_fast.io.teachers import load_teacher_with_config
 from pid_fast.loss import PIDLoss
+from pid_fast.models.diffusers_adapter import (DiffusersDenoiser, build_diffusers_network, diffusers_noise_labels,
+                                               is_diffusers_network)
 from pid_fast.models.networks import build_network, network_config
 from pid_fast.models.preconditioning import (PRECONDITIONINGS, DirectDenoiser, EDMPrecond, GaussianDenoiser,
                                              Preconditioning, VEPrecond, VPPrecond)
@@ -47,6 +50,8 @@ def build_teacher(tcfg: Mapping[str, Any], device: torch.device) -> tuple[Precon
         return teacher.to(device).eval().requires_grad_(False), None
     if kind == "edm":
         return _load_edm_teacher(tcfg, device)
+    if kind == "diffusers":
+        return _load_diffusers_teacher(tcfg, device)
     net_cfg = network_spec(tcfg["network"], "teacher.network")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(tcfg.get("seed", 0)))
@@ -63,6 +68,18 @@ def _load_edm_teacher(tcfg: Mapping[str, Any], device: torch.device) -> tuple[Pr
     teacher, config = load_teacher_with_config(tcfg["path"], key=tcfg.get("key", "ema"), device=device,
                                                name="teacher.path")
     return teacher, dict(config["network"])
+
+
+def _load_diffusers_teacher(tcfg: Mapping[str, Any], device: torch.device) -> tuple[Preconditioning, dict]:
+    """(frozen teacher, its network config) of a teacher of kind 'diffusers': a local folder
+    written by save_pretrained (pid_fast.io.diffusers_io)."""
+    teacher = load_diffusers_teacher(tcfg["path"], scheduler=tcfg.get("scheduler"),
+                                     prediction_type=tcfg.get("prediction_type"),
+                                     timestep_rounding=tcfg.get("timestep_rounding"), device=device)
+    if teacher.model.cross_attention:
+        raise ValueError("config['teacher.path']: a UNet2DConditionModel needs encoder_hidden_states, which the "
+                         "trainer does not draw; use PIDLoss in your own loop (examples/diffusers_loop.py)")
+    return teacher, teacher.model.rebuild_config()
 
 
 def given_teacher(teacher: Preconditioning, tcfg: Mapping[str, Any],
@@ -90,12 +107,17 @@ def build_student(scfg: Mapping[str, Any], teacher: Preconditioning, teacher_net
                          f"has label_dim={getattr(teacher, 'label_dim', 0)}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(scfg["seed"]))
-        net = build_network(net_cfg)
+        net = _build_student_network(net_cfg)
     if scfg["init"] == "teacher":
         if not isinstance(getattr(teacher, "model", None), nn.Module):
             raise ValueError("config['student.init'] is 'teacher' but the teacher has no network to copy")
         init_student_from_teacher(net, teacher.model)
     return net.to(device).train().requires_grad_(True), net_cfg
+
+
+def _build_student_network(net_cfg: Mapping[str, Any]) -> nn.Module:
+    """A freshly initialised student network: an EDM network or a diffusers UNet."""
+    return build_diffusers_network(net_cfg) if is_diffusers_network(net_cfg) else build_network(net_cfg)
 
 
 # --------------------------------------------------------------------------------------------
@@ -148,6 +170,8 @@ def build_optimizer(params, ocfg: Mapping[str, Any], device: torch.device) -> to
 
 def noise_rule(teacher: Preconditioning) -> dict:
     """How the student's c_noise(t) is computed (the teacher's rule), as a JSON-able dict."""
+    if isinstance(teacher, DiffusersDenoiser):  # its training schedule, sigma -> timestep
+        return teacher.noise_rule()
     if isinstance(teacher, VPPrecond):
         return {"precond": "vp", "beta_d": teacher.beta_d, "beta_min": teacher.beta_min, "M": teacher.M,
                 "epsilon_t": teacher.epsilon_t}
@@ -160,6 +184,8 @@ def noise_rule(teacher: Preconditioning) -> dict:
 
 def noise_labels(rule: Mapping[str, Any]) -> Callable[[torch.Tensor], torch.Tensor]:
     """t -> c_noise(t) for a rule recorded by ``noise_rule``."""
+    if rule["precond"] == "diffusers":
+        return diffusers_noise_labels(rule)
     kwargs = {k: v for k, v in rule.items() if k != "precond"}
     coefficients = PRECONDITIONINGS[rule["precond"]](lambda *a: None, **kwargs)  # coefficients only
     return lambda t: coefficients.coefficients(t).c_noise

@@ -14,7 +14,9 @@ from typing import Any, Mapping, Optional
 from pid_fast.models.precision import PRECISION_MODES
 from pid_fast.checks import LOSS_NORMS, check_choice, check_grid, check_int, check_norm, check_positive, is_number
 from pid_fast.loss import DERIVATIVES, TEACHER_PRECISIONS
+from pid_fast.models.diffusers_adapter import PREDICTION_TYPES, TIMESTEP_ROUNDINGS
 from pid_fast.models.preconditioning import PRECONDITIONINGS
+from pid_fast.train.schedules import GRID_SAMPLINGS, GRID_WEIGHTINGS, LR_SCHEDULES, check_coarse_to_fine
 
 __all__ = ["DEFAULT_CONFIG", "RESUMABLE_CHANGES", "TEACHER_KEYS", "load_config", "apply_overrides",
            "resolve_config", "check_resume_config"]
@@ -25,6 +27,8 @@ DEFAULT_CONFIG: dict[str, Any] = {
     # kind "edm": {"path": converted .safetensors or EDM .pkl, "key": "ema"}
     # kind "network": a freshly initialised network {"network", "precond", "seed", "use_fp16"}
     # kind "gaussian": the exact denoiser of N(mean, std^2) {"mean", "std", "label_dim"}
+    # kind "diffusers": a local save_pretrained folder {"path", "scheduler", "prediction_type",
+    #   "timestep_rounding"} (pid_fast.io.diffusers_io; configs/diffusers-ddpm-cifar10.json)
     "teacher": {"kind": "network", "network": "tiny-ddpmpp", "precond": "edm", "seed": 0, "use_fp16": False},
     # init "teacher": a copy of the teacher's network (PID); "random": fresh weights (seed).
     # network null: the teacher's architecture.
@@ -41,7 +45,21 @@ DEFAULT_CONFIG: dict[str, Any] = {
              # null: the teacher's own dtype; fp32 | bf16 (see PIDLoss)
              "teacher_precision": "auto"},
     "optimizer": {"name": "radam", "lr": 2e-4, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0},
+    # the learning rate over training (pid_fast.train.schedules): optimizer.lr after a linear warm-up
+    # over warmup_steps, then "constant" (the reference), "inv_sqrt" (EDM2: / sqrt(max(step / decay_steps, 1)))
+    # or "cosine" (to 0 at decay_steps); it may change on resume (the lr is a function of the step only)
+    "lr_schedule": {"warmup_steps": 0, "decay": "constant", "decay_steps": 1000},
     "ema_rates": [0.999, 0.9999, 0.99995],
+    # EDM2's power-function EMAs (pid_fast.train.power_ema), one per sigma_rel, kept in the
+    # checkpoints and written to power-ema-<step>.pt every snapshot_every steps (0: never), from
+    # which `pid-fast power-ema` rebuilds any EMA length after training
+    "power_ema": {"sigma_rels": [], "snapshot_every": 0},
+    # the grid indices of each step (pid_fast.train.schedules): sampling "uniform" (the reference)
+    # | "importance" (by each index's running mean loss, mixed with uniform_mix of the uniform draw,
+    # reweighted: the expected loss is unchanged); weighting "uniform" | "adaptive" (each index's loss
+    # over its running mean); coarse_to_fine: [[until_step, N'], ...], nested coarser grids first
+    "grid": {"sampling": "uniform", "weighting": "uniform", "stats_decay": 0.99, "uniform_mix": 0.5,
+             "coarse_to_fine": []},
     "batch_size": 512,               # global batch (all ranks and accumulation rounds)
     "accum": 1,                      # gradient accumulation rounds per step
     # the student's pass (pid_fast.models.precision): fp32 | tf32 | bf16 | fp16 | bf16-mixed |
@@ -61,12 +79,13 @@ DEFAULT_CONFIG: dict[str, Any] = {
 
 # Keys that may change when a run is resumed; every other difference is refused.
 RESUMABLE_CHANGES = ("total_steps", "log_every", "checkpoint_every", "keep_checkpoints", "snapshot_every",
-                     "snapshot_num", "progress", "device", "channels_last", "compile")
+                     "snapshot_num", "progress", "device", "channels_last", "compile", "lr_schedule")
 
 # The keys of config['teacher'] for each teacher kind.
 TEACHER_KEYS = {"edm": {"kind", "path", "key"},
                 "network": {"kind", "network", "precond", "seed", "use_fp16", "precond_kwargs"},
-                "gaussian": {"kind", "mean", "std", "label_dim"}}
+                "gaussian": {"kind", "mean", "std", "label_dim"},
+                "diffusers": {"kind", "path", "scheduler", "prediction_type", "timestep_rounding"}}
 
 
 def load_config(path: str | os.PathLike) -> dict:
@@ -166,6 +185,7 @@ def resolve_config(config: Optional[Mapping[str, Any]] = None) -> dict:
     _check_run(cfg)
     _check_optimizer(cfg["optimizer"])
     _check_loss(cfg["loss"])
+    _check_schedules_and_power_ema(cfg)
     _check_teacher(cfg["teacher"])
     _check_student(cfg["student"], cfg["teacher"])
     return cfg
@@ -198,6 +218,26 @@ def _check_optimizer(opt: Mapping[str, Any]) -> None:
     betas = opt["betas"]
     _need(isinstance(betas, (list, tuple)) and len(betas) == 2 and all(is_number(b) and 0 <= b < 1 for b in betas),
           "optimizer.betas", "two numbers in [0, 1)", betas)
+
+
+def _check_schedules_and_power_ema(cfg: Mapping[str, Any]) -> None:
+    """The keys of the lr schedule, the power EMAs and the grid-index schedule."""
+    check_int(cfg["lr_schedule"]["warmup_steps"], _name("lr_schedule.warmup_steps"), 0)
+    check_choice(cfg["lr_schedule"]["decay"], _name("lr_schedule.decay"), LR_SCHEDULES)
+    check_int(cfg["lr_schedule"]["decay_steps"], _name("lr_schedule.decay_steps"), 1)
+    sigma_rels = cfg["power_ema"]["sigma_rels"]
+    _need(isinstance(sigma_rels, list) and all(is_number(s) and 0 < s < 0.28 for s in sigma_rels)
+          and len(set(sigma_rels)) == len(sigma_rels), "power_ema.sigma_rels",
+          "a list of distinct numbers in (0, 0.28)", sigma_rels)
+    check_int(cfg["power_ema"]["snapshot_every"], _name("power_ema.snapshot_every"), 0)
+    grid = cfg["grid"]
+    check_choice(grid["sampling"], _name("grid.sampling"), GRID_SAMPLINGS)
+    check_choice(grid["weighting"], _name("grid.weighting"), GRID_WEIGHTINGS)
+    _need(is_number(grid["stats_decay"]) and 0 <= grid["stats_decay"] < 1, "grid.stats_decay", "a number in [0, 1)",
+          grid["stats_decay"])
+    _need(is_number(grid["uniform_mix"]) and 0 < grid["uniform_mix"] <= 1, "grid.uniform_mix", "a number in (0, 1]",
+          grid["uniform_mix"])
+    check_coarse_to_fine(grid["coarse_to_fine"], cfg["loss"]["N"], _name("grid.coarse_to_fine"))
 
 
 def _check_loss(loss: Mapping[str, Any]) -> None:
@@ -234,9 +274,20 @@ def _check_teacher(teacher: Any) -> None:
     if kind == "edm":
         _need(isinstance(teacher.get("path"), str), "teacher.path", "the path of the teacher checkpoint",
               teacher.get("path"))
+    elif kind == "diffusers":
+        _check_diffusers_teacher(teacher)
     elif kind == "network":
         check_choice(teacher.get("precond", "edm"), _name("teacher.precond"), sorted(PRECONDITIONINGS))
         _need(teacher.get("network") is not None, "teacher.network", "a network name or config", None)
+
+
+def _check_diffusers_teacher(teacher: Mapping[str, Any]) -> None:
+    _need(isinstance(teacher.get("path"), str), "teacher.path",
+          "the path of a local diffusers folder (written by save_pretrained)", teacher.get("path"))
+    _need(teacher.get("scheduler") is None or isinstance(teacher.get("scheduler"), str), "teacher.scheduler",
+          "null or the path of a scheduler folder / scheduler_config.json", teacher.get("scheduler"))
+    check_choice(teacher.get("prediction_type"), _name("teacher.prediction_type"), (None, *PREDICTION_TYPES))
+    check_choice(teacher.get("timestep_rounding"), _name("teacher.timestep_rounding"), (None, *TIMESTEP_ROUNDINGS))
 
 
 def _check_student(student: Mapping[str, Any], teacher: Mapping[str, Any]) -> None:
@@ -272,4 +323,8 @@ def _with_keys_added_since(stored: Mapping[str, Any]) -> dict:
         loss.setdefault("lpips_lin_weights", None)
     if isinstance(loss, dict):
         loss.setdefault("derivative", "fd")
+    stored.setdefault("lr_schedule", {"warmup_steps": 0, "decay": "constant", "decay_steps": 1000})
+    stored.setdefault("power_ema", {"sigma_rels": [], "snapshot_every": 0})
+    stored.setdefault("grid", {"sampling": "uniform", "weighting": "uniform", "stats_decay": 0.99,
+                               "uniform_mix": 0.5, "coarse_to_fine": []})
     return stored

@@ -4,13 +4,14 @@ for given seeds (``pid-fast sample``, the FID of a run folder, the demo)."""
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from pid_fast.checks import parse_float
+from pid_fast.models.diffusers_adapter import build_diffusers_network, is_diffusers_network
 from pid_fast.models.networks import build_network
 from pid_fast.sampling import seeded_latents, student_sample
 from pid_fast.train.builders import noise_labels
@@ -34,7 +35,8 @@ def load_student(checkpoint: str | os.PathLike, weights: str = "model",
     else:
         raise FileNotFoundError(f"checkpoint: no such file or folder: {checkpoint!r}")
     meta = dict(state["student"], step=state["step"], path=checkpoint)
-    net = build_network(meta["network"])
+    net = build_diffusers_network(meta["network"]) if is_diffusers_network(meta["network"]) else build_network(
+        meta["network"])  # a diffusers UNet student (needs diffusers) or an EDM network
     net.load_state_dict(_weights(state, weights, checkpoint))
     return net.to(device).eval().requires_grad_(False), meta
 
@@ -57,9 +59,12 @@ def _weights(state: Mapping[str, Any], weights: str, checkpoint: str) -> dict:
 
 @torch.no_grad()
 def generate(net: nn.Module, meta: Mapping[str, Any], seeds, batch: int = 64, device="cpu",
-             class_label: Optional[int] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+             class_label: Optional[int] = None, decode: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+             ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """One-step samples (B, C, H, W) in [-1, 1] on the CPU for the given seeds (the latents and
-    class labels of seed k depend only on k), and the integer class labels (or None)."""
+    class labels of seed k depend only on k), and the integer class labels (or None).
+    ``decode`` maps a latent student's unclamped samples to images in [-1, 1] (e.g.
+    pid_fast.eval.vae.LatentDecoder)."""
     seeds = list(seeds)
     label_dim = int(meta["label_dim"])
     if class_label is not None and not (label_dim and 0 <= class_label < label_dim):
@@ -71,8 +76,8 @@ def generate(net: nn.Module, meta: Mapping[str, Any], seeds, batch: int = 64, de
         if labels is not None and class_label is not None:
             labels = F.one_hot(torch.full((z.shape[0],), class_label, device=device), label_dim).float()
         x = student_sample(net, z, labels, sigma_min=meta["sigma_min"], sigma_max=meta["sigma_max"],
-                           sigma_data=meta["sigma_data"], noise_labels=c_noise)
-        images.append(x.float().cpu())
+                           sigma_data=meta["sigma_data"], noise_labels=c_noise, clamp=decode is None)
+        images.append((x if decode is None else decode(x)).float().cpu())
         if labels is not None:
             classes.append(labels.argmax(1).cpu())
     return torch.cat(images), (torch.cat(classes) if classes else None)

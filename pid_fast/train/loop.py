@@ -22,7 +22,7 @@ rank / accumulation round takes its slice of them. Hence
   process (up to the summation order of the all-reduce).
 
 Host syncs. The loop never reads the loss on every step: losses and the first non-finite
-step are accumulated on the device (``_LossWindow``) and read every ``log_every`` steps and
+step are accumulated on the device (``LossWindow``) and read every ``log_every`` steps and
 before every checkpoint, so a checkpoint is only written after the check passed.
 """
 
@@ -32,7 +32,7 @@ import contextlib
 import json
 import os
 import time
-from typing import Any, Mapping, NamedTuple, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 from torch import nn
@@ -48,9 +48,12 @@ from pid_fast.train.checkpoint import (CHECKPOINT_FORMAT, checkpoint_path, load_
                                        remove_stale_temporaries, rng_state, save_checkpoint, seed_rngs,
                                        set_rng_state)
 from pid_fast.train.config import check_resume_config, resolve_config
-from pid_fast.train.distributed import (DistContext, all_gather_objects, all_reduce_min, all_reduce_sum, barrier,
+from pid_fast.train.distributed import (DistContext, all_gather_objects, all_reduce_sum, barrier,
                                         grad_sync, process_group, wrap_ddp)
 from pid_fast.train.ema import EMA
+from pid_fast.train.loss_window import LossWindow
+from pid_fast.train.power_ema import PowerEMA, save_snapshot
+from pid_fast.train.schedules import GridIndexSampler, grid_size_at, lr_factor
 
 __all__ = ["train", "NonFiniteLossError"]
 
@@ -103,12 +106,17 @@ def step_seed(seed: int, step: int) -> int:
 
 
 def draw_inputs(generator: torch.Generator, seed: int, global_batch: int, shape, num_points: int,
-                label_dim: int, device) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+                label_dim: int, device, sampler: Optional[GridIndexSampler] = None
+                ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """The random inputs of one step for the whole global batch: latents z ~ N(0, I), grid
-    indices i ~ UniformInt{0..N-1} and uniform one-hot class labels (None if unconditional)."""
+    indices i ~ UniformInt{0..N-1} (or as ``sampler`` draws them on the num_points grid) and
+    uniform one-hot class labels (None if unconditional)."""
     generator.manual_seed(seed)
     noise = torch.randn((global_batch, *shape), generator=generator, device=device)
-    grid_indices = torch.randint(0, num_points, (global_batch,), generator=generator, device=device)
+    if sampler is None:
+        grid_indices = torch.randint(0, num_points, (global_batch,), generator=generator, device=device)
+    else:
+        grid_indices = sampler.draw_indices(generator, global_batch, num_points, device)
     labels = None
     if label_dim:
         classes = torch.randint(0, label_dim, (global_batch,), generator=generator, device=device)
@@ -126,67 +134,18 @@ def _per_round_batch(global_batch: int, world_size: int, accum_rounds: int) -> i
 
 def _step_forward(loss_fn: nn.Module, model: nn.Module, sigma_max: float, compile_cfg: Any, world_size: int):
     """(model, loss_forward): the student as the loss calls it, and (noise z, labels, grid
-    indices) -> the loss of those rows, compiled as config['compile'] says."""
+    indices) -> the per-sample losses of those rows, compiled as config['compile'] says."""
     backend = None if compile_cfg is False else ("inductor" if compile_cfg is True else compile_cfg)
     if backend is not None and world_size > 1:  # DDP's bucketing needs the compiled frame to be its own module
         model = torch.compile(model, backend=backend)
 
     def loss_forward(noise, labels, grid_indices):
         # The student's input is n = T z; PIDLoss runs the student (2B), assemble, teacher, residual, norm.
-        return loss_fn(model, noise * sigma_max, labels, indices=grid_indices)
+        return loss_fn.per_sample(model, noise * sigma_max, labels, indices=grid_indices)
 
     if backend is not None and world_size == 1:  # the whole forward: student, fused ops and teacher in one graph
         loss_forward = torch.compile(loss_forward, backend=backend)
     return model, loss_forward
-
-
-# --------------------------------------------------------------------------------------------
-# Device-side loss accumulators
-
-
-class _WindowStats(NamedTuple):
-    loss: float                # mean loss over the window's steps and all ranks
-    images_per_s: float
-    bad_step: Optional[int]    # the first step whose loss was not finite (None: all finite)
-    bad_loss: float
-
-
-class _LossWindow:
-    """The steps since the last sync point, summed on the device: the loss, and the first step
-    whose loss was not finite with that loss. ``add`` never waits for the device; ``read``
-    does (it is the loop's only host sync)."""
-
-    NONE = 1 << 62  # first_bad_step when every loss was finite
-
-    def __init__(self, step: int, device: torch.device):
-        self.first_bad_step = torch.full((), self.NONE, dtype=torch.int64, device=device)
-        self.bad_loss = torch.zeros((), dtype=torch.float32, device=device)
-        self.step = torch.full((), step, dtype=torch.int64, device=device)
-        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        self.num_steps, self.start_time = 0, time.perf_counter()
-
-    def add(self, step_loss: torch.Tensor) -> None:
-        self.step += 1
-        is_bad = ~torch.isfinite(step_loss) & (self.first_bad_step == self.NONE)
-        self.first_bad_step = torch.where(is_bad, self.step, self.first_bad_step)
-        self.bad_loss = torch.where(is_bad, step_loss, self.bad_loss)
-        self.loss_sum += step_loss
-        self.num_steps += 1
-
-    def read(self, ctx: DistContext, global_batch: int) -> _WindowStats:
-        sums = torch.stack([self.loss_sum, self.bad_loss.double()])
-        first_bad = self.first_bad_step.clone()
-        all_reduce_sum(sums, ctx)
-        all_reduce_min(first_bad, ctx)
-        bad_step = int(first_bad)
-        elapsed = time.perf_counter() - self.start_time
-        return _WindowStats(loss=float(sums[0]) / (self.num_steps * ctx.world_size),
-                            images_per_s=self.num_steps * global_batch / max(elapsed, 1e-9),
-                            bad_step=None if bad_step == self.NONE else bad_step, bad_loss=float(sums[1]))
-
-    def reset(self) -> None:
-        self.loss_sum.zero_()
-        self.num_steps, self.start_time = 0, time.perf_counter()
 
 
 # --------------------------------------------------------------------------------------------
@@ -246,6 +205,11 @@ class _Run:
         self.loss_fn = build_loss(cfg["loss"], teacher, device, modes["teacher_precision"])
         self.optimizer = build_optimizer(net.parameters(), cfg["optimizer"], device)
         self.ema = EMA(net, cfg["ema_rates"])
+        sigma_rels = cfg["power_ema"]["sigma_rels"]
+        self.power_ema = PowerEMA(net, sigma_rels) if sigma_rels else None
+        grid = cfg["grid"]
+        self.grid_sampler = GridIndexSampler(cfg["loss"]["N"], grid["sampling"], grid["weighting"],
+                                             decay=grid["stats_decay"], uniform_mix=grid["uniform_mix"], device=device)
         self.student_meta = student_metadata(net_cfg, teacher, cfg["loss"], self.loss_fn.sigma_data)
         self.label_dim, self.image_shape = self.student_meta["label_dim"], tuple(self.student_meta["shape"])
 
@@ -257,6 +221,10 @@ class _Run:
             return 0
         self.net.load_state_dict(checkpoint["model"])
         self.ema.load_state_dict(checkpoint["ema"])
+        if self.power_ema is not None:
+            self.power_ema.load_state_dict(checkpoint["power_ema"])
+        if "grid_sampler" in checkpoint:
+            self.grid_sampler.load_state_dict(checkpoint["grid_sampler"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         if self.grad_scaler is not None and "grad_scaler" in checkpoint:
             self.grad_scaler.load_state_dict(checkpoint["grad_scaler"])
@@ -274,7 +242,7 @@ class _Run:
                                  disable=not cfg["progress"] or self.ctx.rank != 0, desc="pid distill")
         if self.step == 0 and self.last_checkpoint is None:
             self.snapshot(0)
-        window = _LossWindow(self.step, self.ctx.device)
+        window = LossWindow(self.step, self.ctx.device)
         generator = torch.Generator(self.ctx.device)
         while self.step < cfg["total_steps"]:
             window.add(self.train_step(generator))
@@ -286,6 +254,9 @@ class _Run:
                 self.sync_point(window, do_checkpoint, final)
             elif self._snapshot_due(final):
                 self.snapshot(self.step)
+            every = cfg["power_ema"]["snapshot_every"]
+            if self.power_ema is not None and every and (self.step % every == 0 or final) and self.ctx.rank == 0:
+                save_snapshot(self.run_dir, self.step, self.power_ema, self.student_meta)
         self.progress_bar.close()
         barrier(self.ctx)
         return {"step": self.step, "loss": self.last_log["loss"], "images_per_s": self.last_log["images_per_s"],
@@ -294,21 +265,41 @@ class _Run:
     def train_step(self, generator: torch.Generator) -> torch.Tensor:
         """One optimizer step on the global batch of ``self.step``; returns its loss as a device
         tensor (no host sync)."""
-        cfg, accum_rounds = self.cfg, self.accum_rounds
+        cfg, accum_rounds, sampler = self.cfg, self.accum_rounds, self.grid_sampler
+        grid_size = grid_size_at(self.step, cfg["loss"]["N"], cfg["grid"]["coarse_to_fine"])
+        self.loss_fn.N = grid_size  # a coarse level's grid is nested in the N-point grid
         noise, grid_indices, labels = draw_inputs(generator, step_seed(cfg["seed"], self.step), self.global_batch,
-                                                  self.image_shape, cfg["loss"]["N"], self.label_dim, self.ctx.device)
-        step_loss = torch.zeros((), dtype=torch.float32, device=self.ctx.device)
+                                                  self.image_shape, grid_size, self.label_dim, self.ctx.device,
+                                                  sampler)
+        weights = sampler.weights_for(grid_indices, grid_size)
+        losses = torch.zeros(self.global_batch, dtype=torch.float32, device=self.ctx.device)
         for round_index in range(accum_rounds):
             rows = self._rows(round_index)
             with grad_sync(self.model, self.ctx, sync=round_index == accum_rounds - 1):
                 with self._autocast():
-                    loss = self.loss_forward(noise[rows], None if labels is None else labels[rows], grid_indices[rows])
+                    per_sample = self.loss_forward(noise[rows], None if labels is None else labels[rows],
+                                                   grid_indices[rows])
+                    loss = (per_sample if weights is None else per_sample * weights[rows]).mean()
                 self._backward(loss / accum_rounds)
-            step_loss += loss.detach().float() / accum_rounds
+            losses[rows] = per_sample.detach().float()
+        step_loss = (losses if weights is None else losses * weights).sum() / (self.per_round_batch * accum_rounds)
+        if sampler.uses_losses:  # every rank folds in the whole global batch's losses
+            all_reduce_sum(losses, self.ctx)
+            sampler.observe(grid_indices, losses, grid_size)
+        self._set_lr(self.step)
         self._optimizer_step()
         self.optimizer.zero_grad(set_to_none=True)
         self.ema.update(self.net)
+        if self.power_ema is not None:
+            self.power_ema.update(self.net, self.step + 1)
         return step_loss
+
+    def _set_lr(self, step: int) -> None:
+        schedule = self.cfg["lr_schedule"]
+        lr = self.cfg["optimizer"]["lr"] * lr_factor(step, schedule["warmup_steps"], schedule["decay"],
+                                                     schedule["decay_steps"])
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
 
     def _rows(self, round_index: int) -> slice:
         """This rank's rows of the global batch in accumulation round ``round_index``: the batch is
@@ -337,7 +328,7 @@ class _Run:
 
     # ---- sync points: log, checkpoint, snapshot
 
-    def sync_point(self, window: _LossWindow, do_checkpoint: bool, final: bool) -> None:
+    def sync_point(self, window: LossWindow, do_checkpoint: bool, final: bool) -> None:
         """Read the loss window (the host sync), stop on a non-finite loss, then log, write a
         checkpoint when due and a snapshot when due."""
         stats = window.read(self.ctx, self.global_batch)
@@ -368,6 +359,8 @@ class _Run:
             save_checkpoint(self.run_dir, self.step, {
                 "format": CHECKPOINT_FORMAT, "step": self.step, "config": self.cfg, "world_size": self.ctx.world_size,
                 "student": self.student_meta, "model": self.net.state_dict(), "ema": self.ema.state_dict(),
+                **({} if self.power_ema is None else {"power_ema": self.power_ema.state_dict()}),
+                "grid_sampler": self.grid_sampler.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "rng": rng_states,
                 **({} if self.grad_scaler is None else {"grad_scaler": self.grad_scaler.state_dict()})},
                 keep=self.cfg["keep_checkpoints"])

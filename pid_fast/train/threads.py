@@ -20,9 +20,11 @@ from pid_fast.train.builders import build_student, build_teacher
 __all__ = ["pick_threads", "pick_threads_for_config"]
 
 
-def pick_threads(net: torch.nn.Module, shape, candidates=None, repeats: int = 2) -> tuple[int, dict[int, float]]:
+def pick_threads(net: torch.nn.Module, shape, candidates=None, repeats: int = 2,
+                 label_dim: int = 0) -> tuple[int, dict[int, float]]:
     """The faster of 1 thread and all cores for a forward+backward of ``net`` on a batch of
-    ``shape`` (best of ``repeats`` after a warm-up), and the timings. On a busy machine OpenMP's
+    ``shape`` (class labels one-hot of width ``label_dim`` when it is conditional; best of
+    ``repeats`` after a warm-up), and the timings. On a busy machine OpenMP's
     spinning threads can make 2 threads many times slower than 1; on an idle one they help.
     The global RNG and the thread count are left as they were."""
     if candidates is None:
@@ -31,6 +33,7 @@ def pick_threads(net: torch.nn.Module, shape, candidates=None, repeats: int = 2)
     net = copy.deepcopy(net).train().requires_grad_(True)
     with torch.random.fork_rng(devices=[]):
         x, c = torch.randn(shape), torch.zeros(shape[0])
+    labels = torch.nn.functional.one_hot(torch.zeros(shape[0], dtype=torch.long), label_dim).float() if label_dim else None
     before = torch.get_num_threads()
     timings = {}
     try:
@@ -39,7 +42,7 @@ def pick_threads(net: torch.nn.Module, shape, candidates=None, repeats: int = 2)
             best = float("inf")
             for k in range(repeats + 1):
                 t0 = time.perf_counter()
-                net(x, c).square().mean().backward()
+                (net(x, c) if labels is None else net(x, c, labels)).square().mean().backward()
                 if k:  # the first call warms up
                     best = min(best, time.perf_counter() - t0)
             timings[n] = best
@@ -61,4 +64,4 @@ def pick_threads_for_config(config: Mapping[str, Any], max_batch: int = 64) -> t
     per_process = max(1, config["batch_size"] // (world * config["accum"]))
     resolution = int(net_cfg["img_resolution"])
     shape = (min(2 * per_process, max_batch), int(net_cfg["in_channels"]), resolution, resolution)
-    return pick_threads(student, shape)
+    return pick_threads(student, shape, label_dim=int(net_cfg.get("label_dim") or 0))

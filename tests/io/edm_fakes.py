@@ -197,3 +197,129 @@ class Evil:
 
     def __reduce__(self):
         return self.fn, self.args
+
+
+# ----------------------------------------------------------------------------------------
+# EDM2 snapshots (NVlabs/edm2): EasyDict(encoder=..., dataset_kwargs=..., loss_fn=..., ema=Precond),
+# the network in fp16, every EDM2 object persistent. pid_fast's EDM2 classes pickle under EDM2's
+# class names with only the attributes EDM2's objects have.
+
+EDM2_CLASS_NAMES = {"EDM2Precond": "Precond", "EDM2UNet": "UNet", "EDM2Block": "Block", "MPConv": "MPConv",
+                    "MPFourier": "MPFourier"}
+# Attributes of pid_fast's EDM2 objects that EDM2's objects do not have.
+_PID_ONLY_STATE = {"Precond": ("sigma_min", "sigma_max"), "UNet": ("in_channels", "out_channels", "label_dropout"),
+                   "MPConv": ("in_channels", "_normalized"), "Block": ("in_channels",)}
+
+
+class FakePersistent:
+    """A persistent object of another EDM2 class (an encoder, the loss) given by name and state."""
+
+    def __init__(self, class_name, state, module_src=None):
+        self.class_name, self.state, self.module_src = class_name, state, module_src
+
+
+class FakeDnnlib:
+    """Registers a stand-in `dnnlib.util.EasyDict` while pickling (EDM2's top-level object)."""
+
+    def __init__(self):
+        self.pkg, self.util = types.ModuleType("dnnlib"), types.ModuleType("dnnlib.util")
+        self.EasyDict = type("EasyDict", (dict,), {"__module__": "dnnlib.util"})
+        self.util.EasyDict, self.pkg.util = self.EasyDict, self.util
+
+    def __enter__(self):
+        sys.modules["dnnlib"], sys.modules["dnnlib.util"] = self.pkg, self.util
+        return self
+
+    def __exit__(self, *exc):
+        del sys.modules["dnnlib"], sys.modules["dnnlib.util"]
+        return False
+
+
+class EDM2Pickler(EDMPickler):
+    def reducer_override(self, obj):
+        if isinstance(obj, FakePersistent):
+            meta = dict(type="class", version=6, module_src=obj.module_src or self.module_src,
+                        class_name=obj.class_name, state=dict(obj.state))
+            return self.hook, (meta,)
+        reduced = super().reducer_override(obj)
+        if reduced is not NotImplemented and type(obj).__name__ in EDM2_CLASS_NAMES:
+            meta = reduced[1][0]
+            meta["class_name"] = self.rename.get(id(obj), EDM2_CLASS_NAMES[type(obj).__name__])
+            for key in _PID_ONLY_STATE.get(meta["class_name"], ()):
+                meta["state"].pop(key, None)
+        return reduced
+
+
+def stability_encoder(raw_mean=(5.81, 3.25, 0.12, -2.15), raw_std=(4.17, 4.62, 3.71, 3.28), final_mean=0.0,
+                      final_std=0.5, module_src=None, record_kwargs=False):
+    """EDM2's StabilityVAEEncoder state: scale/bias as float32 numpy arrays, the VAE not pickled."""
+    scale = np.float32(final_std) / np.float32(raw_std)
+    bias = np.float32(final_mean) - np.float32(raw_mean) * scale
+    kwargs = dict(raw_mean=list(raw_mean), raw_std=list(raw_std)) if record_kwargs else {}
+    return FakePersistent("StabilityVAEEncoder", dict(vae_name="stabilityai/sd-vae-ft-mse", scale=scale, bias=bias,
+                                                      batch_size=8, _vae=None, _init_args=(), _init_kwargs=kwargs),
+                          module_src)
+
+
+def edm2_unet_kwargs(cfg):
+    """What EDM2 records for its UNet: the interface arguments, model_channels, dropout, and any
+    other argument that differs from EDM2's default."""
+    from pid_fast.io.edm_config import with_constructor_defaults
+
+    defaults = with_constructor_defaults({"model_type": "EDM2UNet"})
+    kwargs = dict(img_resolution=cfg["img_resolution"], img_channels=cfg["in_channels"], label_dim=cfg["label_dim"],
+                  model_channels=cfg["model_channels"], dropout=cfg.get("dropout", 0.0))
+    for key, value in cfg.items():
+        if key not in ("model_type", "in_channels", "out_channels") and key not in kwargs \
+                and value != defaults.get(key, object()):
+            kwargs[key] = list(value) if isinstance(value, tuple) else value
+    return kwargs
+
+
+def edm2_snapshot(precond, network_cfg, marker, *, encoder=None, protocol=4, record_init_args=True, fp16=True,
+                  module_src=None, sources=None, rename=None, top_extra=None, recorded_kwargs=None):
+    """Bytes of an EDM2 network-snapshot pickle holding `precond` (an EDM2Precond) as 'ema'.
+    `recorded_kwargs` replaces the UNet's recorded constructor arguments; `sources` and `rename`
+    map `precond`'s modules (by id) to their module_src / class name; `top_extra` adds entries."""
+    import copy
+
+    net = copy.deepcopy(precond).eval().requires_grad_(False)
+    if fp16:
+        net = net.to(torch.float16)  # EDM2 saves its snapshots in fp16
+    unet_kwargs = edm2_unet_kwargs(network_cfg) if recorded_kwargs is None else dict(recorded_kwargs)
+    extra = collections.defaultdict(dict)
+    extra[id(net)].update(img_resolution=network_cfg["img_resolution"], img_channels=network_cfg["in_channels"])
+    if record_init_args:
+        extra[id(net.unet)].update(_init_args=(), _init_kwargs=unet_kwargs)
+        extra[id(net)].update(_init_args=(), _init_kwargs=dict(unet_kwargs, use_fp16=net.use_fp16))
+    src = module_src if module_src is not None else hostile_source(marker)
+    # translate the sources / renames given for `precond`'s modules to the copy's
+    by_name = {id(m): name for name, m in precond.named_modules()}
+    copied = dict(net.named_modules())
+    sources = {id(copied[by_name[k]]): v for k, v in (sources or {}).items()}
+    rename = {id(copied[by_name[k]]): v for k, v in (rename or {}).items()}
+    buf = io.BytesIO()
+    with FakeEDMModules() as fake, FakeDnnlib() as dnnlib:
+        data = dnnlib.EasyDict(encoder=encoder if encoder is not None else FakePersistent("StandardRGBEncoder", {}),
+                               dataset_kwargs=dnnlib.EasyDict(class_name="training.dataset.ImageFolderDataset",
+                                                              path="img64.zip", use_labels=True),
+                               loss_fn=FakePersistent("EDM2Loss", dict(P_mean=-0.8, P_std=1.6, sigma_data=0.5)))
+        data["ema"] = net
+        data.update(top_extra or {})
+        EDM2Pickler(buf, protocol, fake.hook, src, extra, rename, sources).dump(data)
+    assert fake.calls == []
+    return buf.getvalue()
+
+
+def make_edm2_teacher(cfg, seed=0, gains=0.5):
+    """An EDM2Precond around a randomly initialised EDM2UNet whose gains (0 at EDM2's init) are set
+    to `gains`, so that its output depends on the input, the noise level and the class."""
+    from pid_fast.models.edm2 import EDM2Precond
+
+    torch.manual_seed(seed)
+    unet = build_network(cfg)
+    with torch.no_grad():
+        for p in unet.parameters():
+            if p.ndim == 0:
+                p.fill_(gains)
+    return EDM2Precond(unet, label_dim=cfg["label_dim"], use_fp16=True).eval()

@@ -1,0 +1,304 @@
+"""diffusers UNets as pid_fast networks and denoisers (diffusers is imported only to build one).
+
+A diffusers UNet (UNet2DModel, UNet2DConditionModel) trained with a discrete DDPM-style
+schedule alphas_cumprod[k] (ab_k) sees the VP sample x_t = sqrt(ab_k) x0 + sqrt(1 - ab_k) eps
+at timestep k. In EDM's VE convention x = x_t / sqrt(ab) = x0 + sigma eps with
+
+    sigma_k = sqrt((1 - ab_k) / ab_k),   so   x_t = x / sqrt(1 + sigma^2),  ab = 1 / (1 + sigma^2),
+
+and the UNet's prediction gives the denoiser D(x; sigma) = c_skip x + c_out F(c_in x, k(sigma)) with
+c_in = 1 / sqrt(1 + sigma^2) and
+    epsilon:       x0 = x - sigma eps                    c_skip = 1,             c_out = -sigma
+    v_prediction:  x0 = sqrt(ab) x_t - sqrt(1 - ab) v    c_skip = 1/(1+sigma^2), c_out = -sigma/sqrt(1+sigma^2)
+    sample:        x0 = F                                c_skip = 0,             c_out = 1.
+
+Sigmas between two trained steps (``timestep_rounding``):
+- "interpolate" (the default for sinusoidal time embeddings): the fractional timestep linear in
+  log sigma between the two trained neighbours, k + (ln s - ln s_k) / (ln s_k+1 - ln s_k).
+  diffusers' sinusoidal embeddings take float timesteps, and PID differentiates the student
+  between neighbouring grid times (at N = 250 several grid times fall between two trained
+  steps near sigma_min), which needs a time label that moves with t.
+- "nearest": the nearest trained step in log sigma (EDM's iDDPM wrapper rounds likewise);
+  ``round_sigma`` then maps a sampler's grid onto trained sigmas. Required for "learned"
+  (lookup-table) time embeddings.
+Outside the trained range [sigma_0, sigma_{K-1}] the time label is clamped to the end step
+while c_skip, c_out and c_in keep the true sigma. ``sigma_min``/``sigma_max`` are the
+trained range (samplers clip to them, as EDM's do); the PID grid is the loss's own.
+
+Labels: a class-conditional UNet (num_class_embeds) takes one-hot or integer class labels; a
+cross-attention UNet takes encoder_hidden_states [B, L, D] as the labels tensor; any UNet
+takes a mapping of its keyword arguments (e.g. {"encoder_hidden_states": ..., "class_labels": ...}).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Optional
+
+import torch
+from torch import nn
+
+from pid_fast.models.preconditioning import Coefficients, Preconditioning, _check_batch, _per_sample, sigma_vector
+
+__all__ = ["PREDICTION_TYPES", "TIMESTEP_ROUNDINGS", "UNET_CLASSES", "import_diffusers", "schedule_sigmas",
+           "SigmaToTimestep", "DiffusersUNet", "DiffusersDenoiser", "build_diffusers_network", "is_diffusers_network",
+           "diffusers_noise_labels", "one_step_settings"]
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+TIMESTEP_ROUNDINGS = ("interpolate", "nearest")
+UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
+
+
+def import_diffusers(what: str):
+    """The diffusers module, or ImportError naming ``what`` needs it and the pip command."""
+    try:
+        import diffusers
+    except ImportError:
+        raise ImportError(f"{what} needs diffusers (not installed): pip install 'pid_fast[diffusers]'") from None
+    return diffusers
+
+
+def schedule_sigmas(alphas_cumprod: Any, name: str = "alphas_cumprod") -> torch.Tensor:
+    """sigma_k = sqrt((1 - ab_k) / ab_k) in float64, checked strictly increasing and positive."""
+    ab = torch.as_tensor(alphas_cumprod, dtype=torch.float64).reshape(-1).cpu()
+    if ab.numel() < 2 or not bool(((ab > 0) & (ab < 1)).all()):
+        raise ValueError(f"{name}: expected at least 2 values in (0, 1), got {ab.numel()} values in "
+                         f"[{float(ab.min()) if ab.numel() else 'n/a'}, {float(ab.max()) if ab.numel() else 'n/a'}]")
+    sigmas = ((1 - ab) / ab).sqrt()
+    if not bool((sigmas[1:] > sigmas[:-1]).all()):
+        raise ValueError(f"{name}: must decrease strictly (the noise level must grow with the timestep)")
+    return sigmas
+
+
+class SigmaToTimestep:
+    """sigma -> the UNet's timestep label on a trained schedule (see the module docstring)."""
+
+    def __init__(self, alphas_cumprod: Any, rounding: str = "interpolate"):
+        if rounding not in TIMESTEP_ROUNDINGS:
+            raise ValueError(f"timestep_rounding must be one of {TIMESTEP_ROUNDINGS}, got {rounding!r}")
+        self.sigmas = schedule_sigmas(alphas_cumprod)
+        self.log_sigmas = self.sigmas.log()
+        self.rounding = rounding
+        self._on_device: dict[torch.device, torch.Tensor] = {}
+
+    def _table(self, device: torch.device) -> torch.Tensor:
+        if device not in self._on_device:  # one copy per device, not one per call
+            self._on_device[device] = self.log_sigmas.to(device)
+        return self._on_device[device]
+
+    def fractional(self, sigma: torch.Tensor) -> torch.Tensor:
+        """The timestep linear in log sigma between the trained neighbours, clamped to [0, K-1],
+        float64 (exactly k at sigma_k up to rounding of sigma)."""
+        table = self._table(sigma.device)
+        log_s = sigma.to(torch.float64).clamp_min(1e-300).log().clamp(table[0], table[-1])
+        low = (torch.searchsorted(table, log_s, right=True) - 1).clamp(0, table.numel() - 2)
+        frac = (log_s - table[low]) / (table[low + 1] - table[low])
+        return low.to(torch.float64) + frac
+
+    def __call__(self, sigma: torch.Tensor) -> torch.Tensor:
+        """The time label (float32) of each sigma."""
+        steps = self.fractional(sigma)
+        if self.rounding == "nearest":
+            steps = steps.round()
+        return steps.to(torch.float32)
+
+    def nearest_sigma(self, sigma: Any) -> torch.Tensor:
+        """The trained sigma whose timestep is nearest in log sigma (float64)."""
+        sigma = torch.as_tensor(sigma, dtype=torch.float64)
+        return self.sigmas.to(sigma.device)[self.fractional(sigma).round().long()]
+
+
+def is_diffusers_network(config: Any) -> bool:
+    """True for a network config written by ``DiffusersUNet.rebuild_config``."""
+    return isinstance(config, Mapping) and config.get("model_type") == "diffusers"
+
+
+def _plain(value: Any) -> Any:
+    # A diffusers config value as JSON-able data (tuples -> lists).
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value
+
+
+class DiffusersUNet(nn.Module):
+    """The raw network F(x_in, c_noise, labels) of a diffusers UNet: F = unet(x_in, c_noise, ...).sample,
+    run in the UNet's dtype. c_noise is the (possibly fractional) timestep; labels as in the
+    module docstring. This is the PID student's network and the teacher's ``model``."""
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        name = type(unet).__name__
+        if name not in UNET_CLASSES:
+            raise TypeError(f"unet: expected a diffusers {' or '.join(UNET_CLASSES)}, got {name}")
+        cfg = unet.config
+        if cfg.get("time_embedding_type", "positional") == "fourier":
+            raise ValueError("unet: time_embedding_type 'fourier' (score-SDE VE models, timestep = sigma) is not "
+                             "supported; DDPM-style UNets (positional or learned time embeddings) are")
+        self.unet = unet
+        self.integer_timesteps = cfg.get("time_embedding_type", "positional") == "learned"
+        self.cross_attention = name == "UNet2DConditionModel"
+        self.label_dim = int(cfg.get("num_class_embeds") or 0) if cfg.get("class_embed_type") is None else 0
+
+    def rebuild_config(self) -> dict:
+        """A JSON-able network config from which ``build_diffusers_network`` rebuilds this
+        architecture (the student checkpoint's 'network')."""
+        cfg = self.unet.config
+        size = cfg.get("sample_size")
+        if isinstance(size, (list, tuple)):
+            if len(set(size)) != 1:
+                raise ValueError(f"unet: sample_size {tuple(size)} is not square; pid_fast's students are square")
+            size = size[0]
+        if not isinstance(size, int):
+            raise ValueError(f"unet: its config has no sample_size (got {size!r}); set it to the image resolution")
+        unet_config = {k: _plain(v) for k, v in cfg.items() if not k.startswith("_")}
+        return {"model_type": "diffusers", "class_name": type(self.unet).__name__, "unet_config": unet_config,
+                "in_channels": int(cfg["in_channels"]), "out_channels": int(cfg["out_channels"]),
+                "img_resolution": size, "label_dim": self.label_dim, "dropout": float(cfg.get("dropout", 0.0))}
+
+    def forward(self, x_in: torch.Tensor, c_noise: torch.Tensor, class_labels: Any = None) -> torch.Tensor:
+        dtype = self.unet.dtype
+        timesteps = c_noise.reshape(-1)
+        if self.integer_timesteps:  # a lookup table: integer steps only (timestep_rounding 'nearest')
+            timesteps = timesteps.round().long()
+        out = self.unet(x_in.to(dtype), timesteps, **self._conditioning(class_labels, x_in.shape[0])).sample
+        return out
+
+    def _conditioning(self, labels: Any, batch: int) -> dict:
+        """The UNet's keyword arguments for ``labels``."""
+        if isinstance(labels, Mapping):
+            return dict(labels)
+        if labels is not None and not isinstance(labels, torch.Tensor):
+            raise TypeError(f"class_labels: expected a tensor, a mapping of UNet arguments or None, "
+                            f"got {type(labels).__name__}")
+        if self.cross_attention:
+            if labels is None:
+                raise ValueError("class_labels: a UNet2DConditionModel needs encoder_hidden_states [B, L, D] as its "
+                                 "labels (or a mapping {'encoder_hidden_states': ...})")
+            return {"encoder_hidden_states": labels.to(self.unet.dtype)}
+        if self.label_dim == 0:
+            if labels is not None:
+                raise ValueError("class_labels: this UNet is unconditional (no num_class_embeds); pass None")
+            return {}
+        if labels is None:
+            raise ValueError(f"class_labels: this UNet is class-conditional ({self.label_dim} classes); pass labels")
+        if labels.is_floating_point():  # one-hot (or soft) [B, label_dim] -> class index
+            labels = labels.reshape(batch, self.label_dim).argmax(1)
+        return {"class_labels": labels.reshape(batch).long()}
+
+
+def build_diffusers_network(config: Mapping[str, Any], device: torch.device | str | None = None) -> DiffusersUNet:
+    """A freshly initialised ``DiffusersUNet`` from a config written by ``rebuild_config`` (with
+    config['dropout'] applied to the UNet)."""
+    if not is_diffusers_network(config):
+        raise ValueError(f"network config: expected model_type 'diffusers', got {dict(config).get('model_type')!r}")
+    diffusers = import_diffusers("a diffusers student")
+    name = config.get("class_name")
+    if name not in UNET_CLASSES:
+        raise ValueError(f"network config: class_name must be one of {UNET_CLASSES}, got {name!r}")
+    unet_config = dict(config["unet_config"])
+    if config.get("dropout") is not None:
+        unet_config["dropout"] = float(config["dropout"])
+    unet = getattr(diffusers, name).from_config(unet_config)
+    return DiffusersUNet(unet.to(device) if device is not None else unet)
+
+
+def diffusers_noise_labels(rule: Mapping[str, Any]):
+    """t -> the time label, for a student noise rule {'precond': 'diffusers', 'alphas_cumprod',
+    'timestep_rounding'} (recorded by the trainer; see DiffusersDenoiser.noise_rule)."""
+    return SigmaToTimestep(rule["alphas_cumprod"], rule.get("timestep_rounding", "interpolate"))
+
+
+class DiffusersDenoiser(Preconditioning):
+    """D(x; sigma) of a diffusers UNet on its discrete schedule (the module docstring gives the
+    coefficients). ``model``: a DiffusersUNet or a bare UNet2DModel / UNet2DConditionModel;
+    ``alphas_cumprod``: the schedule's (a scheduler's ``alphas_cumprod``); ``prediction_type``:
+    'epsilon', 'v_prediction' or 'sample'; ``timestep_rounding``: 'interpolate' | 'nearest'
+    (None: 'nearest' for learned time embeddings, else 'interpolate'); ``sigma_min`` /
+    ``sigma_max``: default the trained range."""
+
+    def __init__(self, model: nn.Module, alphas_cumprod: Any, prediction_type: str = "epsilon", *,
+                 timestep_rounding: Optional[str] = None, sigma_min: Optional[float] = None,
+                 sigma_max: Optional[float] = None, sigma_data: float = 0.5):
+        if not isinstance(model, DiffusersUNet):
+            model = DiffusersUNet(model)
+        super().__init__(model, label_dim=model.label_dim)
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+        if timestep_rounding is None:
+            timestep_rounding = "nearest" if model.integer_timesteps else "interpolate"
+        if model.integer_timesteps and timestep_rounding != "nearest":
+            raise ValueError("timestep_rounding: a UNet with learned (lookup-table) time embeddings takes integer "
+                             f"timesteps only; use 'nearest', got {timestep_rounding!r}")
+        self.timesteps = SigmaToTimestep(alphas_cumprod, timestep_rounding)
+        self.prediction_type = prediction_type
+        self.timestep_rounding = timestep_rounding
+        self.alphas_cumprod = [float(v) for v in torch.as_tensor(alphas_cumprod, dtype=torch.float64).reshape(-1)]
+        self.sigma_min = float(self.timesteps.sigmas[0] if sigma_min is None else sigma_min)
+        self.sigma_max = float(self.timesteps.sigmas[-1] if sigma_max is None else sigma_max)
+        self.sigma_data = float(sigma_data)
+
+    @classmethod
+    def from_scheduler(cls, unet: nn.Module, scheduler: Any, **kwargs: Any) -> "DiffusersDenoiser":
+        """From a diffusers scheduler object (DDPMScheduler, DDIMScheduler, ... : anything with
+        ``alphas_cumprod`` and ``config.prediction_type``)."""
+        ab = getattr(scheduler, "alphas_cumprod", None)
+        config = getattr(scheduler, "config", None)
+        if ab is None or config is None or "prediction_type" not in config:
+            raise ValueError(f"scheduler: {type(scheduler).__name__} has no discrete alphas_cumprod schedule with a "
+                             f"prediction_type (supported: DDPM-style schedulers such as DDPMScheduler, "
+                             f"DDIMScheduler, EulerDiscreteScheduler)")
+        kwargs.setdefault("prediction_type", config["prediction_type"])
+        return cls(unet, ab, **kwargs)
+
+    def coefficients(self, sigma: torch.Tensor) -> Coefficients:
+        one = torch.ones_like(sigma)
+        c_in = (sigma.square() + 1).rsqrt()
+        if self.prediction_type == "epsilon":
+            c_skip, c_out = one, -sigma
+        elif self.prediction_type == "v_prediction":
+            c_skip, c_out = c_in.square(), -sigma * c_in
+        else:
+            c_skip, c_out = torch.zeros_like(sigma), one
+        return Coefficients(c_skip=c_skip, c_out=c_out, c_in=c_in, c_noise=self.timesteps(sigma).to(sigma.dtype))
+
+    def round_sigma(self, sigma: Any) -> torch.Tensor:
+        if self.timestep_rounding == "nearest":
+            return self.timesteps.nearest_sigma(sigma)
+        return torch.as_tensor(sigma)
+
+    def model_dtype(self, device: torch.device, force_fp32: bool = False) -> torch.dtype:
+        return self.model.unet.dtype
+
+    def raw(self, x_in: torch.Tensor, c_noise: torch.Tensor, class_labels: Any = None,
+            force_fp32: bool = False) -> torch.Tensor:
+        """F(x_in, timestep, labels) in fp32 (the UNet runs in its own dtype)."""
+        return self.model(x_in, c_noise.reshape(-1), class_labels).to(torch.float32)
+
+    def forward(self, x: torch.Tensor, sigma: Any, class_labels: Any = None, force_fp32: bool = False) -> torch.Tensor:
+        x = _check_batch(x, type(self).__name__).to(torch.float32)
+        sigma = sigma_vector(sigma, x.shape[0], device=x.device)
+        c = self.coefficients(sigma)
+        F_x = self.raw(_per_sample(c.c_in, x.ndim) * x, c.c_noise, class_labels)
+        return _per_sample(c.c_skip, x.ndim) * x + _per_sample(c.c_out, x.ndim) * F_x
+
+    def noise_rule(self) -> dict:
+        """The student's time-label rule, JSON-able (the checkpoint's 'noise_rule')."""
+        return {"precond": "diffusers", "alphas_cumprod": list(self.alphas_cumprod),
+                "timestep_rounding": self.timestep_rounding}
+
+    def extra_repr(self) -> str:
+        return (f"prediction_type={self.prediction_type!r}, timestep_rounding={self.timestep_rounding!r}, "
+                f"steps={len(self.alphas_cumprod)}, sigma_min={self.sigma_min:.4g}, sigma_max={self.sigma_max:.4g}")
+
+
+def one_step_settings(meta: Mapping[str, Any]) -> dict:
+    """The constants of a PID student's one-step sample x = noise_weight z + output_weight
+    unet(input_scale z, timestep).sample (z ~ N(0, I)), from its checkpoint metadata: the
+    student's x(n, t) = (t/T) n + (1 - t/T) F(c n, c_noise(t)) at t = sigma_min, n = T z."""
+    T, t, sd = float(meta["sigma_max"]), float(meta["sigma_min"]), float(meta["sigma_data"])
+    timestep = float(diffusers_noise_labels(meta["noise_rule"])(torch.tensor([t], dtype=torch.float32))[0])
+    return {"timestep": timestep, "input_scale": T / math.sqrt(sd * sd + T * T), "noise_weight": t,
+            "output_weight": 1.0 - t / T, "clamp": [-1.0, 1.0], "sigma_min": t, "sigma_max": T, "sigma_data": sd,
+            "shape": list(meta["shape"]), "label_dim": int(meta["label_dim"])}
