@@ -308,6 +308,22 @@ def by_group(rows, fields):
     return [(key, [groups[k] for k in GROUPS if k in groups]) for key, groups in keyed.items()]
 
 
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """--threads, --seed, --json, --md (shared with jvp_precision.py)."""
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="write the rows here")
+    p.add_argument("--md", default=None, help="write the markdown table here")
+
+
+def parse_variants(text: str) -> list[str]:
+    """A comma list of variants, each checked by ``parse_variant``."""
+    variants = [v for v in text.split(",") if v]
+    for v in variants:
+        parse_variant(v)
+    return variants
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -320,16 +336,10 @@ def main(argv=None):
     p.add_argument("--cifar-batch", type=int, default=2, help="noises per group for cifar10-ddpmpp")
     p.add_argument("--digits-autocast", choices=("real", "emulated", "both"), default="both")
     p.add_argument("--cifar-autocast", choices=("real", "emulated", "both"), default="emulated")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None, help="write the rows here")
-    p.add_argument("--md", default=None, help="write the markdown table here")
+    add_run_arguments(p)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    variants = [v for v in args.variants.split(",") if v]
-    cifar_variants = [v for v in args.cifar_variants.split(",") if v]
-    for v in variants + cifar_variants:
-        parse_variant(v)
+    variants, cifar_variants = parse_variants(args.variants), parse_variants(args.cifar_variants)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
     rows, t_start = [], time.perf_counter()
     for model in [m for m in args.models.split(",") if m]:

@@ -161,15 +161,10 @@ def main(argv=None):
                    help="noises per group (indices spread over the group; 20: fd_precision's digits rows)")
     p.add_argument("--autocast", choices=("real", "emulated", "both"), default="both",
                    help="16-bit autocast: real CPU autocast or fd_precision's emulation")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None, help="write the rows here")
-    p.add_argument("--md", default=None, help="write the markdown table here")
+    fdp.add_run_arguments(p)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    variants = [v for v in args.variants.split(",") if v]
-    for v in variants:
-        fdp.parse_variant(v)
+    variants = fdp.parse_variants(args.variants)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
     t_start = time.perf_counter()
     teacher, student = fdp.digits_pair()

@@ -27,7 +27,6 @@ __all__ = ["CHECKPOINT_FORMAT", "atomic_save", "list_checkpoints", "read_checkpo
            "seed_rngs"]
 
 CHECKPOINT_FORMAT = "pid_fast.train/1"
-_CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)\.pt$")
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
@@ -40,14 +39,21 @@ def checkpoint_path(run_dir: str, step: int) -> str:
     return os.path.join(run_dir, f"checkpoint-{step:09d}.pt")
 
 
-def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, str]]:
-    """(step, path) of the checkpoints in ``run_dir``, newest first (temporary files excluded)."""
+def numbered_files(run_dir: str | os.PathLike, prefix: str) -> list[tuple[int, str]]:
+    """(step, path) of the files ``<prefix>-<step>.pt`` in ``run_dir``, unordered (temporary
+    files excluded)."""
+    name = re.compile(re.escape(prefix) + r"-(\d+)\.pt$")
     found = []
-    for path in glob.glob(os.path.join(os.fspath(run_dir), "checkpoint-*.pt")):
-        match = _CHECKPOINT_NAME.search(os.path.basename(path))
+    for path in glob.glob(os.path.join(os.fspath(run_dir), f"{prefix}-*.pt")):
+        match = name.search(os.path.basename(path))
         if match:
             found.append((int(match.group(1)), path))
-    return sorted(found, reverse=True)
+    return found
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, str]]:
+    """(step, path) of the checkpoints in ``run_dir``, newest first (temporary files excluded)."""
+    return sorted(numbered_files(run_dir, "checkpoint"), reverse=True)
 
 
 def read_checkpoint(path: str) -> dict:

@@ -23,6 +23,8 @@ def update_ema(ema: nn.Module, model: nn.Module, rate: float) -> None:
 class EMA:
     """One EMA copy of a network per rate, updated after every optimizer step."""
 
+    what = "EMA with rate"  # how a missing entry is named in errors
+
     def __init__(self, model: nn.Module, rates):
         self.rates = [float(r) for r in rates]
         self.models = {r: copy.deepcopy(model).eval().requires_grad_(False) for r in self.rates}
@@ -41,5 +43,5 @@ class EMA:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         for r, m in self.models.items():
             if self.key(r) not in state:
-                raise ValueError(f"checkpoint has no EMA with rate {r} (has {sorted(state)})")
+                raise ValueError(f"checkpoint has no {self.what} {r} (has {sorted(state)})")
             m.load_state_dict(state[self.key(r)])

@@ -272,7 +272,9 @@ class _Run:
                                                   self.image_shape, grid_size, self.label_dim, self.ctx.device,
                                                   sampler)
         weights = sampler.weights_for(grid_indices, grid_size)
-        losses = torch.zeros(self.global_batch, dtype=torch.float32, device=self.ctx.device)
+        step_loss = torch.zeros((), dtype=torch.float32, device=self.ctx.device)
+        # the per-sample losses of the global batch, only for a sampler that learns from them
+        losses = torch.zeros(self.global_batch, dtype=torch.float32, device=self.ctx.device) if sampler.uses_losses else None
         for round_index in range(accum_rounds):
             rows = self._rows(round_index)
             with grad_sync(self.model, self.ctx, sync=round_index == accum_rounds - 1):
@@ -281,9 +283,10 @@ class _Run:
                                                    grid_indices[rows])
                     loss = (per_sample if weights is None else per_sample * weights[rows]).mean()
                 self._backward(loss / accum_rounds)
-            losses[rows] = per_sample.detach().float()
-        step_loss = (losses if weights is None else losses * weights).sum() / (self.per_round_batch * accum_rounds)
-        if sampler.uses_losses:  # every rank folds in the whole global batch's losses
+            step_loss += loss.detach().float() / accum_rounds
+            if losses is not None:
+                losses[rows] = per_sample.detach().float()
+        if losses is not None:  # every rank folds in the whole global batch's losses
             all_reduce_sum(losses, self.ctx)
             sampler.observe(grid_indices, losses, grid_size)
         self._set_lr(self.step)

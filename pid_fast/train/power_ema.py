@@ -32,23 +32,20 @@ those files, as a checkpoint that ``load_student`` and `pid-fast fid --all-check
 
 from __future__ import annotations
 
-import copy
-import glob
 import os
-import re
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from pid_fast.train.checkpoint import CHECKPOINT_FORMAT, atomic_save, checkpoint_path
+from pid_fast.train.checkpoint import CHECKPOINT_FORMAT, atomic_save, checkpoint_path, numbered_files
+from pid_fast.train.ema import EMA, update_ema
 
 __all__ = ["SNAPSHOT_FORMAT", "sigma_rel_to_gamma", "gamma_to_sigma_rel", "PowerEMA", "snapshot_path",
            "save_snapshot", "list_snapshots", "solve_coefficients", "reconstruct", "write_reconstructions"]
 
 SNAPSHOT_FORMAT = "pid_fast.power_ema/1"
-_SNAPSHOT_NAME = re.compile(r"power-ema-(\d+)\.pt$")
 
 
 def gamma_to_sigma_rel(gamma: float) -> float:
@@ -69,37 +66,22 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
     return float(real[real > -1].max())
 
 
-class PowerEMA:
+class PowerEMA(EMA):
     """One power-function EMA of a network per sigma_rel, updated after every optimizer step
-    (``update(model, step)`` with the step count after that update, 1, 2, ...)."""
+    (``update(model, step)`` with the step count after that update, 1, 2, ...). Copies, keys and
+    state dicts as ``EMA``'s; only the per-step rate differs."""
+
+    what = "power EMA with sigma_rel"
 
     def __init__(self, model: nn.Module, sigma_rels: Sequence[float]):
-        self.sigma_rels = [float(s) for s in sigma_rels]
+        super().__init__(model, sigma_rels)
+        self.sigma_rels = self.rates
         self.gammas = [sigma_rel_to_gamma(s) for s in self.sigma_rels]
-        self.models = {s: copy.deepcopy(model).eval().requires_grad_(False) for s in self.sigma_rels}
 
-    @staticmethod
-    def key(sigma_rel: float) -> str:
-        return repr(float(sigma_rel))
-
-    @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
-        params = [p.detach() for p in model.parameters()]
         for sigma_rel, gamma in zip(self.sigma_rels, self.gammas):
-            ema = self.models[sigma_rel]
-            beta = (1.0 - 1.0 / step) ** (gamma + 1)  # step 1: beta 0, the average starts at theta_1
-            torch._foreach_lerp_(list(ema.parameters()), params, 1.0 - beta)
-            for b_ema, b in zip(ema.buffers(), model.buffers()):
-                b_ema.copy_(b)
-
-    def state_dict(self) -> dict:
-        return {self.key(s): m.state_dict() for s, m in self.models.items()}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        for s, m in self.models.items():
-            if self.key(s) not in state:
-                raise ValueError(f"checkpoint has no power EMA with sigma_rel {s} (has {sorted(state)})")
-            m.load_state_dict(state[self.key(s)])
+            # step 1: rate 0, the average starts at theta_1
+            update_ema(self.models[sigma_rel], model, (1.0 - 1.0 / step) ** (gamma + 1))
 
 
 # --------------------------------------------------------------------------------------------
@@ -120,12 +102,7 @@ def save_snapshot(run_dir: str, step: int, power_ema: PowerEMA, student_meta: Ma
 
 def list_snapshots(run_dir: str | os.PathLike) -> list[tuple[int, str]]:
     """(step, path) of the power-EMA snapshots of ``run_dir``, oldest first."""
-    found = []
-    for path in glob.glob(os.path.join(os.fspath(run_dir), "power-ema-*.pt")):
-        match = _SNAPSHOT_NAME.search(os.path.basename(path))
-        if match:
-            found.append((int(match.group(1)), path))
-    return sorted(found)
+    return sorted(numbered_files(run_dir, "power-ema"))
 
 
 # --------------------------------------------------------------------------------------------
