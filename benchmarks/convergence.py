@@ -36,7 +36,8 @@ import torch
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 OUT_JSON = os.path.join(RESULTS, "convergence-cpu.json")
 WORK_DIR = "/tmp/pid-convergence"
-NUM_SAMPLES, SEED_START, TARGET = 5000, 10000, 1.05
+NUM_SAMPLES, SEED_START, TARGET = 10000, 10000, 1.05
+SEED_SETS = (10000, 20000, 30000)  # disjoint: seeds 10000..19999, 20000..29999, 30000..39999
 POWER_SIGMA_RELS = [0.05, 0.10]  # tracked in every run (passive: the training trajectory is unchanged)
 SWEEP_SIGMA_RELS = [0.02, 0.035, 0.05, 0.07, 0.10, 0.15, 0.20]  # post hoc (0.05, 0.10: the tracked ones)
 
@@ -63,6 +64,9 @@ RECIPES = {
     "cosine-b2": ("cosine with RAdam betas (0.9, 0.99)",
                   {"optimizer": dict(_DEMO_OPT, betas=[0.9, 0.99]), "ema_rates": [0.995, 0.998],
                    "lr_schedule": {"decay": "cosine"}}),
+    "cosine-b2-4e-3": ("cosine-b2 with lr 4e-3",
+                       {"optimizer": dict(_DEMO_OPT, lr=4e-3, betas=[0.9, 0.99]), "ema_rates": [0.995, 0.998],
+                        "lr_schedule": {"decay": "cosine"}}),
     "importance": ("cosine-b2 + grid indices drawn by importance (per-index running loss, reweighted)",
                    {"optimizer": dict(_DEMO_OPT, betas=[0.9, 0.99]), "ema_rates": [0.995, 0.998],
                     "lr_schedule": {"decay": "cosine"}, "grid": {"sampling": "importance"}}),
@@ -107,11 +111,16 @@ _REFERENCE_SCHEDULES = {"lr_schedule": {"warmup_steps": 0, "decay": "constant", 
 # Digits
 
 
-def _heun_images(seed_start: int, num: int) -> torch.Tensor:
+def teacher_images(seed_start: int, num: int = NUM_SAMPLES) -> torch.Tensor:
+    """The teacher's Heun samples (18 steps = 35 evaluations) of seeds seed_start..+num, cached
+    in WORK_DIR (10000 take ~8 CPU-minutes)."""
     from pid_fast.demo.files import DEFAULT_TEACHER
     from pid_fast.demo.teacher import load_digits_teacher
     from pid_fast.sampling import heun_sample, seeded_latents
 
+    cache = os.path.join(WORK_DIR, f"heun-{seed_start}-{num}.pt")
+    if os.path.exists(cache):
+        return torch.load(cache)
     teacher = load_digits_teacher(DEFAULT_TEACHER)
     shape = (int(teacher.model.in_channels), int(teacher.model.img_resolution), int(teacher.model.img_resolution))
     images = []
@@ -119,89 +128,114 @@ def _heun_images(seed_start: int, num: int) -> torch.Tensor:
         z, _ = seeded_latents(range(start, min(start + 500, seed_start + num)), shape)
         with torch.no_grad():
             images.append(heun_sample(teacher, z, num_steps=18).float().clamp(-1, 1))
-    return torch.cat(images)
+    images = torch.cat(images)
+    os.makedirs(WORK_DIR, exist_ok=True)
+    torch.save(images, cache)
+    return images
+
+
+class Scorer:
+    """One seed set's scores of a one-step student: its digits FD (against the 1797 real digits)
+    and its FD to the teacher's own samples from the same seeds (the distillation's fidelity; 0
+    for the teacher itself), in the digits classifier's feature space."""
+
+    def __init__(self, seed_start: int, num: int = NUM_SAMPLES):
+        from pid_fast.eval.metrics import DigitsFeatures, digits_reference_features, feature_statistics
+
+        self.seed_start, self.num = seed_start, num
+        self.features = DigitsFeatures()
+        self.data = feature_statistics(digits_reference_features(self.features))
+        self.teacher = feature_statistics(self.features.features(teacher_images(seed_start, num)))
+
+    def __call__(self, images: torch.Tensor) -> dict[str, float]:
+        from pid_fast.eval.metrics import fd_from_features
+
+        feats = self.features.features(images)
+        return {"fd": float(fd_from_features(feats, self.data)), "fd_teacher": float(fd_from_features(feats, self.teacher))}
+
+    def student(self, net, meta) -> dict[str, float]:
+        from pid_fast.train import generate
+
+        images, _ = generate(net, meta, range(self.seed_start, self.seed_start + self.num), batch=500)
+        return self(images)
 
 
 def teacher_fd(seed_start: int, num: int = NUM_SAMPLES) -> dict:
-    """The teacher's digits FD (EDM Heun, 18 steps = 35 evaluations) on seeds seed_start..+num."""
+    """The teacher's digits FD on seeds seed_start..+num."""
     from pid_fast.eval.metrics import digits_fd
 
-    t0 = time.process_time()
-    fd = float(digits_fd(_heun_images(seed_start, num)))
-    return {"seed_start": seed_start, "num": num, "fd": fd, "cpu_s": time.process_time() - t0}
+    return {"seed_start": seed_start, "num": num, "fd": float(digits_fd(teacher_images(seed_start, num)))}
 
 
-def _load_weights(path: str, weights: str):
-    """(network, metadata) of 'model', 'ema-<rate>' or 'power-<sigma_rel>' (the tracked power EMA)."""
+def load_weights(path: str, weights: str):
+    """(network, metadata) of a checkpoint's 'model', 'ema-<rate>' or 'power-<sigma_rel>' (a
+    tracked power EMA), optionally '+teacher-<share>': blended as (1 - share) w + share x the
+    initial (teacher's) weights, as `pid-fast demo --teacher-share` scores them."""
+    from pid_fast.demo.files import DEFAULT_TEACHER
+    from pid_fast.demo.teacher import load_digits_teacher
     from pid_fast.train import load_student
 
-    if not weights.startswith("power-"):
-        return load_student(path, weights=weights)
-    net, meta = load_student(path, weights="model")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    net.load_state_dict(state["power_ema"][repr(float(weights[6:]))])
+    weights, _, share = weights.partition("+teacher-")
+    net, meta = load_student(path, weights="model" if weights.startswith("power-") else weights)
+    if weights.startswith("power-"):
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        net.load_state_dict(state["power_ema"][repr(float(weights[6:]))])
+    if share:
+        initial = load_digits_teacher(DEFAULT_TEACHER).model.state_dict()
+        net.load_state_dict({k: torch.lerp(v, initial[k].to(v), float(share)) if v.is_floating_point() else v
+                             for k, v in net.state_dict().items()})
     return net, meta
 
 
-def _fd_of(net, meta, num: int = NUM_SAMPLES, seed_start: int = SEED_START) -> float:
-    from pid_fast.eval.metrics import digits_fd
-    from pid_fast.train import generate
-
-    images, _ = generate(net, meta, range(seed_start, seed_start + num), batch=500)
-    return float(digits_fd(images))
-
-
-def run_digits(name: str, steps: int, weights_every: dict[str, tuple[int, int]], sweep_steps: list[int],
-               sweep_sigma_rels: list[float]) -> dict:
-    """Train recipe ``name`` for ``steps`` (checkpoint every 100), then score its checkpoints:
-    {weights: {step: fd}} for each weights at the multiples of weights_every[weights][0] up to
-    weights_every[weights][1], and the post-hoc power-EMA sweep {step: {sigma_rel: fd}} at
-    ``sweep_steps`` (a tracked sigma_rel's value comes from its curve)."""
+def run_digits(recipe: str, name: str, steps: int, weights_every: dict[str, tuple[int, int]], heldout: list[str],
+               sweep_steps: list[int], sweep_sigma_rels: list[float]) -> dict:
+    """Train ``recipe`` for ``steps`` in WORK_DIR/``name`` (checkpoint every 100), then score its checkpoints on
+    seed set SEED_START: {"fd"|"fd_teacher": {weights: {step: value}}} for each weights at the
+    multiples of weights_every[weights][0] up to weights_every[weights][1]; the ``heldout``
+    weights at the last step on every seed set of SEED_SETS ({weights: {seed_start: scores}});
+    and the post-hoc power-EMA sweep {step: {sigma_rel: fd}} at ``sweep_steps``."""
     from pid_fast.train import list_checkpoints, train
     from pid_fast.train.power_ema import reconstruct
 
     run_dir = os.path.join(WORK_DIR, name)
-    cfg = recipe_config(name, steps)
+    cfg = recipe_config(recipe, steps)
     have = dict(list_checkpoints(run_dir)) if os.path.isdir(run_dir) else {}
     cpu0 = time.process_time()
     if steps not in have:
         train(cfg, run_dir, resume=True)
     train_cpu_s = time.process_time() - cpu0
-    curves: dict[str, dict[int, float]] = {}
-    for step, path in sorted(list_checkpoints(run_dir)):
+    checkpoints = dict(list_checkpoints(run_dir))
+    scorer = Scorer(SEED_START)
+    curves: dict[str, dict[str, dict[int, float]]] = {"fd": {}, "fd_teacher": {}}
+    for step, path in sorted(checkpoints.items()):
         for weights, (every, until) in weights_every.items():
             if step % every == 0 and step <= min(steps, until):
-                curves.setdefault(weights, {})[step] = _fd_of(*_load_weights(path, weights))
-                print(f"{name} step {step} {weights}: FD {curves[weights][step]:.4f}", flush=True)
+                scores = scorer.student(*load_weights(path, weights))
+                for key, value in scores.items():
+                    curves[key].setdefault(weights, {})[step] = value
+                print(f"{name} step {step} {weights}: {scores}", flush=True)
+    held: dict[str, dict[int, dict]] = {}
+    for seed_start in SEED_SETS:
+        other = scorer if seed_start == SEED_START else Scorer(seed_start)
+        for weights in heldout:
+            if seed_start == SEED_START and steps in curves["fd"].get(weights, {}):  # scored above
+                held.setdefault(weights, {})[seed_start] = {k: c[weights][steps] for k, c in curves.items()}
+                continue
+            held.setdefault(weights, {})[seed_start] = other.student(*load_weights(checkpoints[steps], weights))
+            print(f"{name} step {steps} {weights} seeds {seed_start}+: {held[weights][seed_start]}", flush=True)
     sweep: dict[int, dict[float, float]] = {}
     for step in sweep_steps:
-        net, meta = _load_weights(dict(list_checkpoints(run_dir))[step], "model")
+        net, meta = load_weights(checkpoints[step], "model")
         for sigma_rel in sweep_sigma_rels:
-            tracked = curves.get(f"power-{sigma_rel!r}", {}).get(step)
-            if tracked is not None:  # the reconstruction at a snapshot step is the snapshot itself
-                sweep.setdefault(step, {})[sigma_rel] = tracked
-                continue
             state_dict, _ = reconstruct(run_dir, sigma_rel, step)
             net.load_state_dict(state_dict)
-            sweep.setdefault(step, {})[sigma_rel] = _fd_of(net, meta)
+            sweep.setdefault(step, {})[sigma_rel] = scorer.student(net, meta)["fd"]
             print(f"{name} step {step} power EMA sigma_rel {sigma_rel} (reconstructed): FD {sweep[step][sigma_rel]:.4f}",
                   flush=True)
     with open(os.path.join(run_dir, "log.jsonl")) as f:
         losses = {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
-    return {"config": cfg, "train_cpu_s": train_cpu_s, "fd": curves, "power_sweep": sweep, "loss": losses}
-
-
-def teacher_share_fd(name: str, step: int, weights: str, share: float, seed_start: int = SEED_START) -> float:
-    """The FD of recipe ``name``'s ``weights`` at ``step`` blended as (1 - share) weights + share x
-    the initial (teacher's) weights (pid-fast demo's teacher_share)."""
-    from pid_fast.demo.files import DEFAULT_TEACHER
-    from pid_fast.demo.teacher import load_digits_teacher
-
-    initial = load_digits_teacher(DEFAULT_TEACHER).model.state_dict()
-    net, meta = _load_weights(os.path.join(WORK_DIR, name, f"checkpoint-{step:09d}.pt"), weights)
-    net.load_state_dict({k: torch.lerp(v, initial[k].to(v), share) if v.is_floating_point() else v
-                         for k, v in net.state_dict().items()})
-    return _fd_of(net, meta, seed_start=seed_start)
+    return {"config": cfg, "train_cpu_s": train_cpu_s, **curves, "heldout": {"step": steps, "scores": held},
+            "power_sweep": sweep, "loss": losses}
 
 
 # --------------------------------------------------------------------------------------------
@@ -277,7 +311,7 @@ def _load() -> dict:
     if os.path.exists(OUT_JSON):
         with open(OUT_JSON) as f:
             return json.load(f)
-    return {"teacher": {}, "recipes": {}, "commands": []}
+    return {"num_samples": NUM_SAMPLES, "teacher": {}, "recipes": {}, "commands": []}
 
 
 def _save(results: dict) -> None:
@@ -287,194 +321,76 @@ def _save(results: dict) -> None:
         json.dump(results, f, indent=2)
 
 
-def steps_to_target(curve: dict, teacher: float, target: float = TARGET):
-    """The first step whose FD is within ``target`` x the teacher's (None: never)."""
-    for step in sorted(curve, key=int):
-        if curve[step] <= target * teacher:
-            return int(step)
-    return None
+def _merge(update, command: str, replaces: str) -> None:
+    """Apply ``update`` to the results file as it is now (runs may finish in parallel) and
+    record ``command`` in place of the commands starting with ``replaces``."""
+    results = _load()
+    update(results)
+    results["commands"] = [c for c in results["commands"] if not c.startswith(replaces)] + [command]
+    _save(results)
 
 
-def _teacher_reference(results: dict) -> float:
-    return results["teacher"][str(SEED_START)]["fd"]
-
-
-def _spread_line(results: dict) -> str:
-    """The FD's seed spread: over the teacher's seed sets, and over the student rows measured on
-    several seed sets (same weights)."""
-    parts = []
-    teacher_fds = [row["fd"] for row in results["teacher"].values()]
-    if len(teacher_fds) > 1:
-        parts.append(f"teacher over {len(teacher_fds)} seed sets: " + ", ".join(f"{f:.3f}" for f in teacher_fds)
-                     + f" (max - min = {100 * (max(teacher_fds) - min(teacher_fds)) / min(teacher_fds):.1f}%)")
-    by_model: dict = {}
-    for r in results.get("teacher_share", []):
-        by_model.setdefault((r["recipe"], r["step"], r["weights"], r["share"]), {})[r["seed_start"]] = r["fd"]
-    for (recipe, step, weights, share), fds in by_model.items():
-        if len(fds) > 1:
-            values = [fds[k] for k in sorted(fds)]
-            parts.append(f"{recipe} step {step} {weights}" + (f" + {share:g} teacher" if share else "")
-                         + f" over seed sets {', '.join(f'{k}+' for k in sorted(fds))}: "
-                         + ", ".join(f"{v:.3f}" for v in values)
-                         + f" (max - min = {100 * (max(values) - min(values)) / min(values):.1f}%)")
-    return ("Seed spread of the FD at this sample size: " + "; ".join(parts) + "." if parts else "")
-
-
-def table(results: dict) -> str:
-    """The markdown tables: steps to 1.05x the teacher's FD per recipe and weights, the FD at
-    chosen steps, the Gaussian-mixture endpoint RMSE at the same steps, the power-EMA sweep."""
-    teacher = _teacher_reference(results)
-    lines = [f"Teacher (EDM Heun, 35 NFE) digits FD, {NUM_SAMPLES} samples from seeds {SEED_START}+: {teacher:.4f}. "
-             f"Target: {TARGET} x {teacher:.4f} = {TARGET * teacher:.4f}. " + _spread_line(results), ""]
-    for r in results.get("teacher_share", []):  # the headline: blended weights that reach the target
-        if r["seed_start"] == SEED_START and r["share"] and r["fd"] <= TARGET * teacher:
-            lines += [f"**{r['recipe']}, {r['weights']} blended with {r['share']:g} of the teacher's weights: "
-                      f"FD {r['fd']:.3f} = {r['fd'] / teacher:.3f}x the teacher's at step {r['step']}** "
-                      f"(the share was picked from 0.1 / 0.2 / 0.3 on these seeds; on seeds 20000+ / 30000+ it "
-                      f"scores as the demo recipe's EMA 0.998 after 1000 steps, see the seed-spread rows).", ""]
-    lines += [
-             "| recipe | weights | steps to 1.05x teacher FD | FD @200 | FD @400 | FD @600 | FD @1200 | "
-             "GM endpoint RMSE @200 | @400 | @600 |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for name, row in results["recipes"].items():
-        curves, gm = row.get("digits", {}).get("fd", {}), row["gm"]["rmse"]
-        for weights in sorted(set(curves) | set(gm)):
-            curve = curves.get(weights, {})
-            reached = steps_to_target(curve, teacher) if curve else None
-            last = max(map(int, curve)) if curve else 0
-            cell = lambda c, s: f"{c[str(s)]:.3f}" if str(s) in c else "-"  # noqa: E731
-            lines.append(f"| {name} | {weights} | {reached if reached else (f'> {last}' if curve else '-')} | "
-                         + " | ".join(cell(curve, s) for s in (200, 400, 600, 1200)) + " | "
-                         + " | ".join(cell(gm.get(weights, {}), s) for s in (200, 400, 600)) + " |")
-    sweeps = [(name, step, sweep) for name, row in results["recipes"].items()
-              for step, sweep in row.get("digits", {}).get("power_sweep", {}).items()]
-    if sweeps:
-        sigmas = sorted({float(s) for _, _, sw in sweeps for s in sw})
-        lines += ["", "Post-hoc power EMA (reconstructed from the sigma_rel 0.05 / 0.10 snapshots every 50 steps), "
-                  "digits FD:", "", "| recipe | step | " + " | ".join(f"sigma_rel {s:g}" for s in sigmas) + " |",
-                  "|---|---|" + "---|" * len(sigmas)]
-        for name, step, sweep in sweeps:
-            by_sigma = {float(k): v for k, v in sweep.items()}
-            lines.append(f"| {name} | {step} | " + " | ".join(f"{by_sigma[s]:.3f}" if s in by_sigma else "-"
-                                                            for s in sigmas) + " |")
-    if results.get("teacher_share"):
-        lines += ["", "Weights blended with a share of the initial (teacher's) weights, (1 - s) w + s w_teacher, "
-                  "digits FD (seed sets: the first sample seed; the teacher's FD was measured on the seed sets "
-                  "listed above only):", "", "| recipe | step | weights | share s | sample seeds | FD | FD / teacher FD "
-                  f"(seeds {SEED_START}+) |", "|---|---|---|---|---|---|---|"]
-        for r in results["teacher_share"]:
-            lines.append(f"| {r['recipe']} | {r['step']} | {r['weights']} | {r['share']:g} | {r['seed_start']}+ | "
-                         f"{r['fd']:.3f} | {r['fd'] / teacher:.3f} |")
-    lines += ["", "Recipes:", ""] + [f"- {name}: {row['description']}" for name, row in results["recipes"].items()]
-    lines += ["", "Commands:", ""] + [f"    {c}" for c in results["commands"]]
-    return "\n".join(lines)
-
-
-def plot(results: dict, path: str) -> str:
-    """FD against steps (left) and GM endpoint RMSE against steps (right), one line per recipe
-    and weights; the teacher's FD and the 1.05x target as horizontal lines."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    teacher = _teacher_reference(results)
-    fig, (ax_fd, ax_gm) = plt.subplots(1, 2, figsize=(13, 5))
-    for name, row in results["recipes"].items():
-        for weights, curve in row.get("digits", {}).get("fd", {}).items():
-            steps = sorted(map(int, curve))
-            ax_fd.plot(steps, [curve[str(s)] for s in steps], marker="o", ms=3, label=f"{name} {weights}")
-        for weights, curve in row["gm"]["rmse"].items():
-            steps = sorted(map(int, curve))
-            ax_gm.plot(steps, [curve[str(s)] for s in steps], marker="o", ms=3, label=f"{name} {weights}")
-    for r in results.get("teacher_share", []):
-        if r["seed_start"] == SEED_START and r["share"]:
-            ax_fd.plot([r["step"]], [r["fd"]], marker="*", ms=9, ls="none",
-                       label=f"{r['recipe']} {r['weights']} + {r['share']:g} teacher")
-    ax_fd.axhline(teacher, color="k", lw=1, label="teacher (Heun 35 NFE)")
-    ax_fd.axhline(TARGET * teacher, color="k", lw=1, ls="--", label=f"{TARGET} x teacher")
-    ax_fd.set(yscale="log", xlabel="step (batch 64)", ylabel=f"digits FD ({NUM_SAMPLES} samples)",
-              title="digits teacher: one-step FD")
-    ax_gm.set(yscale="log", xlabel="step (batch 64)", ylabel="endpoint RMSE vs exact ODE",
-              title="Gaussian-mixture teacher: one-step endpoint error")
-    for ax in (ax_fd, ax_gm):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+def _weights_every(specs: list[str], steps: int) -> dict[str, tuple[int, int]]:
+    """'name', 'name:every' or 'name:every:until' -> {name: (every, until)} (every: 100)."""
+    every = {}
+    for spec in specs:
+        parts = spec.split(":")
+        every[parts[0]] = (int(parts[1]) if len(parts) > 1 else 100, int(parts[2]) if len(parts) > 2 else steps)
+    return every
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="what", required=True)
-    t = sub.add_parser("teacher", help="the teacher's FD on one seed set")
-    t.add_argument("--seed-start", type=int, default=SEED_START)
+    t = sub.add_parser("teacher", help="the teacher's FD on seed sets")
+    t.add_argument("--seed-starts", type=int, nargs="+", default=list(SEED_SETS))
     r = sub.add_parser("run", help="train and score one recipe on both teachers")
     r.add_argument("recipe", choices=sorted(RECIPES))
-    r.add_argument("--steps", type=int, default=600)
+    r.add_argument("--steps", type=int, default=400)
     r.add_argument("--weights", nargs="+", default=None,
-                   help="weights to score every 100 steps (model, ema-<rate>, power-<sigma_rel>; "
-                        "name:every or name:every:until for another interval or a last step); default: model, "
-                        "each EMA, each power EMA")
+                   help="weights to score every 100 steps on seeds 10000+: model, ema-<rate>, power-<sigma_rel>, "
+                        "any of them + '+teacher-<share>' (blended with the teacher's weights); name:every or "
+                        "name:every:until for another interval or a last step; default: model and each EMA")
+    r.add_argument("--heldout", nargs="*", default=[], help="weights scored at the last step on every seed set")
     r.add_argument("--sweep-steps", type=int, nargs="*", default=[], help="steps of the post-hoc power-EMA sweep")
     r.add_argument("--sweep-sigma-rels", type=float, nargs="*", default=SWEEP_SIGMA_RELS)
     r.add_argument("--skip-digits", action="store_true")
-    b = sub.add_parser("share", help="FD of a run's weights blended with a share of the teacher's weights")
-    b.add_argument("recipe", choices=sorted(RECIPES))
-    b.add_argument("step", type=int)
-    b.add_argument("weights")
-    b.add_argument("--shares", type=float, nargs="+", default=[0.1, 0.2, 0.3])
-    b.add_argument("--seed-starts", type=int, nargs="+", default=[SEED_START])
+    r.add_argument("--name", default=None, help="the run's folder and results key (default: the recipe's name)")
     sub.add_parser("report", help="write convergence.md and convergence.png from the JSON")
     args = p.parse_args()
     torch.set_num_threads(1)
-    results = _load()
-    if args.what == "teacher":
-        row = teacher_fd(args.seed_start)
-        results["teacher"][str(args.seed_start)] = row
-        results["commands"].append(f"OMP_NUM_THREADS=1 python benchmarks/convergence.py teacher --seed-start "
-                                   f"{args.seed_start}")
-        print(row)
-    elif args.what == "run":
-        cfg = recipe_config(args.recipe, args.steps)
-        names = args.weights or (["model"] + [f"ema-{float(r)!r}" for r in cfg["ema_rates"]]
-                                 + [f"power-{s!r}" for s in POWER_SIGMA_RELS])
-        every = {}
-        for spec in names:
-            parts = spec.split(":")
-            every[parts[0]] = (int(parts[1]) if len(parts) > 1 else 100, int(parts[2]) if len(parts) > 2 else args.steps)
-        row = results["recipes"].get(args.recipe, {})
-        row.update(description=RECIPES[args.recipe][0], steps=args.steps, gm=run_gm(args.recipe, args.steps))
-        print(json.dumps({k: {s: round(v, 4) for s, v in c.items()} for k, c in row["gm"]["rmse"].items()}), flush=True)
-        if not args.skip_digits:
-            row["digits"] = run_digits(args.recipe, args.steps, every, args.sweep_steps, args.sweep_sigma_rels)
-        results["recipes"][args.recipe] = row
-        command = (f"OMP_NUM_THREADS=1 python benchmarks/convergence.py run {args.recipe} --steps {args.steps}"
-                   + (" --weights " + " ".join(args.weights) if args.weights else "")
-                   + (" --sweep-steps " + " ".join(map(str, args.sweep_steps)) if args.sweep_steps else "")
-                   + (" --sweep-sigma-rels " + " ".join(map(str, args.sweep_sigma_rels))
-                      if args.sweep_steps and args.sweep_sigma_rels != SWEEP_SIGMA_RELS else "")
-                   + (" --skip-digits" if args.skip_digits else ""))
-        results["commands"] = [c for c in results["commands"] if f" run {args.recipe} " not in c] + [command]
-    elif args.what == "share":
-        for share in args.shares:
-            for seed_start in args.seed_starts:
-                fd = teacher_share_fd(args.recipe, args.step, args.weights, share, seed_start)
-                results.setdefault("teacher_share", []).append(
-                    {"recipe": args.recipe, "step": args.step, "weights": args.weights, "share": share,
-                     "seed_start": seed_start, "fd": fd})
-                print(results["teacher_share"][-1], flush=True)
-        results["commands"].append(f"OMP_NUM_THREADS=1 python benchmarks/convergence.py share {args.recipe} {args.step} "
-                                   f"{args.weights} --shares {' '.join(map(str, args.shares))} --seed-starts "
-                                   + " ".join(map(str, args.seed_starts)))
-    else:
-        with open(os.path.join(RESULTS, "convergence.md"), "w") as f:
-            f.write("# Convergence: steps to the teacher (benchmarks/convergence.py)\n\n" + table(results) + "\n")
-        print(table(results))
-        print(plot(results, os.path.join(RESULTS, "convergence.png")))
+    if args.what == "report":
+        from convergence_report import write_report
+
+        print(write_report(_load(), RESULTS))
         return
-    _save(results)
+    if args.what == "teacher":
+        rows = {str(seed_start): teacher_fd(seed_start) for seed_start in args.seed_starts}
+        print(rows, flush=True)
+        command = "OMP_NUM_THREADS=1 python benchmarks/convergence.py teacher"
+        if list(args.seed_starts) != list(SEED_SETS):
+            command += " --seed-starts " + " ".join(map(str, args.seed_starts))
+        _merge(lambda results: results["teacher"].update(rows), command, "OMP_NUM_THREADS=1 python benchmarks/"
+               "convergence.py teacher")
+        return
+    cfg = recipe_config(args.recipe, args.steps)
+    names = args.weights or (["model"] + [f"ema-{float(r)!r}" for r in cfg["ema_rates"]])
+    name = args.name or args.recipe
+    row = {"recipe": args.recipe, "description": RECIPES[args.recipe][0], "steps": args.steps,
+           "gm": run_gm(args.recipe, args.steps)}
+    print(json.dumps({k: {s: round(v, 4) for s, v in c.items()} for k, c in row["gm"]["rmse"].items()}), flush=True)
+    if not args.skip_digits:
+        row["digits"] = run_digits(args.recipe, name, args.steps, _weights_every(names, args.steps), args.heldout,
+                                   args.sweep_steps, args.sweep_sigma_rels)
+    command = (f"OMP_NUM_THREADS=1 python benchmarks/convergence.py run {args.recipe} --steps {args.steps}"
+               + (" --weights " + " ".join(args.weights) if args.weights else "")
+               + (" --heldout " + " ".join(args.heldout) if args.heldout else "")
+               + (" --sweep-steps " + " ".join(map(str, args.sweep_steps)) if args.sweep_steps else "")
+               + (" --sweep-sigma-rels " + " ".join(map(str, args.sweep_sigma_rels))
+                  if args.sweep_steps and args.sweep_sigma_rels != SWEEP_SIGMA_RELS else "")
+               + (" --skip-digits" if args.skip_digits else "") + (f" --name {name}" if args.name else ""))
+    _merge(lambda results: results["recipes"].__setitem__(name, row), command,
+           f"OMP_NUM_THREADS=1 python benchmarks/convergence.py run {args.recipe} --steps {args.steps}")
 
 
 if __name__ == "__main__":

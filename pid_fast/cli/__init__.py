@@ -31,7 +31,7 @@ def _register_commands() -> None:
     from pid_fast.cli import convert, demo, distill, evaluate
 
     convert.register(main)  # convert
-    distill.register(main)  # distill, sample, export-diffusers
+    distill.register(main)  # distill, sample, power-ema, teacher-share, export-diffusers
     evaluate.register(main)  # fid
     demo.register(main)  # demo, train-teacher, train-features
 

@@ -13,6 +13,7 @@ import click
 
 from pid_fast.cli.common import check_out, command_line, set_threads
 from pid_fast.cli.requirements import require
+from pid_fast.demo.settings import DEMO_DEFAULTS
 
 __all__ = ["train_teacher", "train_features", "demo", "register"]
 
@@ -81,7 +82,8 @@ def train_features(out, epochs, seed, threads, overwrite, no_progress) -> None:
 @click.command("demo")
 @click.option("--out-dir", default="pid-demo", show_default=True, type=click.Path(file_okay=False),
               help="Where the run, the pictures and summary.json go.")
-@click.option("--steps", type=click.IntRange(min=1), default=None, help="Distillation steps (default 1200).")
+@click.option("--steps", type=click.IntRange(min=1), default=None,
+              help=f"Distillation steps (default {DEMO_DEFAULTS['steps']}).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Batch size (default 64).")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="RAdam learning rate.")
 @click.option("--N", "N", type=click.IntRange(min=2), default=None, help="PID grid size (default 250).")
@@ -91,11 +93,11 @@ def train_features(out, epochs, seed, threads, overwrite, no_progress) -> None:
 @click.option("--no-time-limit", is_flag=True, help="Run all --steps whatever the time.")
 @click.option("--num-samples", type=click.IntRange(min=2), default=None, help="Samples per FD (default 1000).")
 @click.option("--weights", default=None,
-              help="Student weights to score: 'auto' (default: the slowest EMA that has forgotten the "
-                   "initial weights), 'model' or 'ema-<rate>'.")
+              help=f"Student weights to score: 'model' (the raw weights), 'ema-<rate>' or 'auto' (the slowest "
+                   f"EMA that has forgotten the initial weights); default {DEMO_DEFAULTS['weights']!r}.")
 @click.option("--teacher-share", type=click.FloatRange(min=0, max=1, max_open=True), default=None,
-              help="Score the chosen weights blended with this share of the initial (teacher's) weights "
-                   "(default 0; benchmarks/results/convergence.md).")
+              help=f"Score the chosen weights blended with this share of the initial (teacher's) weights "
+                   f"(default {DEMO_DEFAULTS['teacher_share']:g}; 0: unblended; benchmarks/results/convergence.md).")
 @click.option("--teacher", "teacher_path", default=None, type=click.Path(dir_okay=False),
               help="Teacher file (default: the bundled digits teacher).")
 @click.option("--features", "features_path", default=None, type=click.Path(dir_okay=False),

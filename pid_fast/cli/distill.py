@@ -220,10 +220,12 @@ def export_diffusers(checkpoint, out, weights, overwrite) -> None:
 
 
 def register(group: click.Group) -> None:
-    """Attach `distill`, `sample`, `power-ema` and `export-diffusers` to a click group (e.g. pid_fast.cli.main)."""
-    from pid_fast.cli.power_ema import power_ema
+    """Attach `distill`, `sample`, `power-ema`, `teacher-share` and `export-diffusers` to a click group (e.g.
+    pid_fast.cli.main)."""
+    from pid_fast.cli.power_ema import power_ema, teacher_share
 
     group.add_command(distill)
     group.add_command(sample)
     group.add_command(power_ema)  # EDM2's post-hoc EMA of a run's power-EMA snapshots
+    group.add_command(teacher_share)  # a checkpoint blended with the run's initial weights
     group.add_command(export_diffusers)

@@ -328,12 +328,13 @@ def report(run: DemoRun, rows: dict, samples: dict, distillation: Distillation, 
 def format_table(summary: dict[str, Any]) -> str:
     """The demo's result table (plain text)."""
     rows = summary["rows"]
-    lines = [f"{'':40s} {'NFE':>4s} {'FD':>8s} {'KID':>8s} {'RMSE to Heun':>13s} {'time':>7s}"]
+    width = max(40, *(len(rows[key]["label"]) for key in ("student", "heun", "euler", "real")))
+    lines = [f"{'':{width}s} {'NFE':>4s} {'FD':>8s} {'KID':>8s} {'RMSE to Heun':>13s} {'time':>7s}"]
     for key in ("student", "heun", "euler", "real"):
         r = rows[key]
         t = f"{r['seconds']:.1f}s" if key != "real" else "-"
         d = f"{r['rmse_to_heun']:.4f}" if "rmse_to_heun" in r else "-"
-        lines.append(f"{r['label']:40s} {r['nfe']:>4d} {r['fd']:>8.3f} {r['kid']:>8.4f} {d:>13s} {t:>7s}")
+        lines.append(f"{r['label']:{width}s} {r['nfe']:>4d} {r['fd']:>8.3f} {r['kid']:>8.4f} {d:>13s} {t:>7s}")
     lines.append("(FD, KID: digits-classifier features vs the 1797 real digits; RMSE to Heun: per pixel, "
                  "same noise, images in [-1, 1])")
     ratio = summary["ratio"]
