@@ -174,6 +174,7 @@ def load_weights(path: str, weights: str):
     from pid_fast.demo.files import DEFAULT_TEACHER
     from pid_fast.demo.teacher import load_digits_teacher
     from pid_fast.train import load_student
+    from pid_fast.train.teacher_share import blend_with_initial
 
     weights, _, share = weights.partition("+teacher-")
     net, meta = load_student(path, weights="model" if weights.startswith("power-") else weights)
@@ -182,8 +183,7 @@ def load_weights(path: str, weights: str):
         net.load_state_dict(state["power_ema"][repr(float(weights[6:]))])
     if share:
         initial = load_digits_teacher(DEFAULT_TEACHER).model.state_dict()
-        net.load_state_dict({k: torch.lerp(v, initial[k].to(v), float(share)) if v.is_floating_point() else v
-                             for k, v in net.state_dict().items()})
+        net.load_state_dict(blend_with_initial(net.state_dict(), initial, float(share)))
     return net, meta
 
 

@@ -39,6 +39,7 @@ from pid_fast.eval.plots import plot_fd_over_training, plot_fd_vs_n, plot_loss_c
 from pid_fast.sampling import euler_sample, heun_sample, seeded_latents
 from pid_fast.train import generate, list_checkpoints, load_student, resolve_config, train
 from pid_fast.train.threads import pick_threads
+from pid_fast.train.teacher_share import blend_with_initial
 
 __all__ = ["DEMO_DEFAULTS", "DemoRun", "demo_config", "pick_weights", "run_demo", "baselines", "distill", "score",
            "report", "format_table"]
@@ -261,8 +262,7 @@ def _load_weights(run: DemoRun, path: str, weights: str, teacher_share: float = 
     net, meta = load_student(path, weights=weights)
     if teacher_share:
         initial = load_digits_teacher(run.teacher_path).model.state_dict()
-        net.load_state_dict({k: torch.lerp(v, initial[k].to(v), teacher_share) if v.is_floating_point() else v
-                             for k, v in net.state_dict().items()})
+        net.load_state_dict(blend_with_initial(net.state_dict(), initial, teacher_share))
     return net, meta
 
 
