@@ -9,6 +9,8 @@ import os
 
 TARGET = 1.05
 STEPS_SHOWN = (100, 200, 300, 400, 600, 1200)
+# drawn thick: the demo's recipe before and after benchmarks/results/convergence-notes.md's choice
+HIGHLIGHT = {("demo", "ema-0.998"), ("cosine-b2", "model+teacher-0.2"), ("cosine-b2-600", "model+teacher-0.2")}
 
 
 def steps_to_target(curve: dict, teacher: float, target: float = TARGET):
@@ -115,12 +117,17 @@ def plot(results: dict, path: str) -> str:
     import matplotlib.pyplot as plt
 
     teacher = next(iter(_teacher_fds(results).values()))
-    fig, (ax_fd, ax_gm) = plt.subplots(1, 2, figsize=(13, 5))
+    fig, (ax_fd, ax_gm) = plt.subplots(1, 2, figsize=(14, 5.5))
+    colors = iter(plt.get_cmap("tab20").colors * 3)
     for name, row in results["recipes"].items():
-        for ax, curves in ((ax_fd, row.get("digits", {}).get("fd", {})), (ax_gm, row["gm"]["rmse"])):
-            for weights, curve in curves.items():
-                steps = sorted(map(int, curve))
-                ax.plot(steps, [curve[str(s)] for s in steps], marker="o", ms=3, label=f"{name} {weights}")
+        digits = row.get("digits", {}).get("fd", {})
+        for weights in list(digits) or ["model"]:  # the weights of the table's rows
+            style = dict(color=next(colors), marker="o", ms=3, label=f"{name} {weights}",
+                         lw=2.5 if (name, weights) in HIGHLIGHT else 1)
+            for ax, curve in ((ax_fd, digits.get(weights)), (ax_gm, row["gm"]["rmse"].get(weights))):
+                if curve:
+                    steps = sorted(map(int, curve))
+                    ax.plot(steps, [curve[str(s)] for s in steps], **style)
     ax_fd.axhline(teacher, color="k", lw=1, label="teacher (Heun 35 NFE)")
     ax_fd.axhline(TARGET * teacher, color="k", lw=1, ls="--", label=f"{TARGET} x teacher")
     ax_fd.set(yscale="log", xlabel="step (batch 64)", ylabel=f"digits FD ({results['num_samples']} samples)",
