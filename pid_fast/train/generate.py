@@ -17,7 +17,7 @@ from pid_fast.sampling import seeded_latents, student_sample
 from pid_fast.train.builders import noise_labels
 from pid_fast.train.checkpoint import load_latest_checkpoint, read_checkpoint
 
-__all__ = ["load_student", "generate"]
+__all__ = ["load_student", "checkpoint_weights", "generate"]
 
 
 def load_student(checkpoint: str | os.PathLike, weights: str = "model",
@@ -37,11 +37,11 @@ def load_student(checkpoint: str | os.PathLike, weights: str = "model",
     meta = dict(state["student"], step=state["step"], path=checkpoint)
     net = build_diffusers_network(meta["network"]) if is_diffusers_network(meta["network"]) else build_network(
         meta["network"])  # a diffusers UNet student (needs diffusers) or an EDM network
-    net.load_state_dict(_weights(state, weights, checkpoint))
+    net.load_state_dict(checkpoint_weights(state, weights, checkpoint))
     return net.to(device).eval().requires_grad_(False), meta
 
 
-def _weights(state: Mapping[str, Any], weights: str, checkpoint: str) -> dict:
+def checkpoint_weights(state: Mapping[str, Any], weights: str, checkpoint: str) -> dict:
     """The state dict named by ``weights`` ("model", "ema" or "ema-<rate>") in a checkpoint."""
     if weights == "model":
         return state["model"]

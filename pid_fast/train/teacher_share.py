@@ -19,7 +19,7 @@ from typing import Mapping, Optional, Sequence
 import torch
 
 from pid_fast.train.checkpoint import CHECKPOINT_FORMAT, atomic_save, checkpoint_path, read_checkpoint
-from pid_fast.train.generate import _weights
+from pid_fast.train.generate import checkpoint_weights
 
 __all__ = ["check_share", "initial_weights", "blend_with_initial", "write_teacher_shares"]
 
@@ -60,7 +60,7 @@ def write_teacher_shares(checkpoint: str | os.PathLike, shares: Sequence[float],
     state = read_checkpoint(os.fspath(checkpoint))
     if "config" not in state:
         raise ValueError(f"{checkpoint}: no training config stored (not a `pid-fast distill` checkpoint)")
-    trained = _weights(state, weights, os.fspath(checkpoint))
+    trained = checkpoint_weights(state, weights, os.fspath(checkpoint))
     initial = initial_weights(state["config"]) if initial is None else initial
     written = []
     for share in shares:
