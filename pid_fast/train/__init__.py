@@ -9,6 +9,7 @@
 - generate.py: load_student and one-step generation from a checkpoint
 - ema.py: exponential moving averages of the weights (also the digits teacher's)
 - power_ema.py: EDM2's power-function EMAs, their snapshots and post-hoc reconstruction (`pid-fast power-ema`)
+- teacher_share.py: a checkpoint blended with the run's initial (teacher's) weights after training (`pid-fast teacher-share`)
 - schedules.py: the lr schedule, grid-index sampling/weighting and the coarse-to-fine grid schedule
 - loss_window.py: the loop's device-side loss window (read at sync points only)
 - threads.py: pick_threads, the timed choice of CPU threads
