@@ -1,26 +1,27 @@
 """Convergence: how many PID steps a recipe needs to reach the teacher, on two teachers.
 
 1. digits (the bundled teacher of `pid-fast demo`, batch 64): the one-step student's digits FD
-   against steps, every 100 steps, for the raw weights, each EMA and each power EMA, from 5000
-   samples (seeds 10000..14999, the same noises as the teacher's Heun 35-NFE reference), and the
-   first step at which it is within 1.05x of the teacher's FD; the teacher's FD over 3 disjoint
-   seed sets gives the seed spread. Runs through the trainer (pid_fast.train.train).
+   (10000 samples, seeds 10000+, the same noises as the teacher's Heun 35-NFE samples) every 100
+   steps for the chosen weights (raw, an EMA, a tracked power EMA, any of them blended with the
+   teacher's weights: 'model+teacher-0.2'), the first step within 1.05x of the teacher's FD, and
+   the FD to the teacher's own samples; `--heldout` weights are scored at the last step on all
+   three disjoint seed sets (SEED_SETS) against the teacher's FD on the same seeds. Runs through
+   the trainer (pid_fast.train.train); the teacher's samples are cached in WORK_DIR.
 2. the Gaussian-mixture teacher (exact PF-ODE, pid_fast.models.analytic): the one-step MLP
    student's endpoint RMSE against the exact x(sigma_min) every 100 steps, with the same recipe
    (optimizer, lr schedule, EMAs, grid-index sampling and weighting, coarse-to-fine grid) and the
    trainer's own schedule pieces, mean over 2 training seeds.
 
-    OMP_NUM_THREADS=1 python benchmarks/convergence.py teacher --seed-start 10000
-    OMP_NUM_THREADS=1 python benchmarks/convergence.py run demo --steps 1200
-    OMP_NUM_THREADS=1 python benchmarks/convergence.py share cosine-b2 400 model --shares 0.1 0.2 0.3
+    OMP_NUM_THREADS=1 python benchmarks/convergence.py teacher
+    OMP_NUM_THREADS=1 python benchmarks/convergence.py run cosine-b2 --steps 400 --weights model model+teacher-0.2 \
+        --heldout model+teacher-0.2
     OMP_NUM_THREADS=1 python benchmarks/convergence.py report
 
-`share`: the FD of a run's weights blended with a share of the initial (teacher's) weights, as
-`pid-fast demo` scores them (teacher_share). The exact commands of the committed results are in
-convergence.md. Runs and checkpoints go to /tmp/pid-convergence/<recipe>.
-
-Results merge into benchmarks/results/convergence-cpu.json; `report` writes convergence.md and
-convergence.png. Recipes: RECIPES below (each a set of trainer-config overrides over the demo's).
+The exact commands of the committed results are in convergence.md. Runs and checkpoints go to
+/tmp/pid-convergence/<name> (--name, default the recipe's). Results merge into
+benchmarks/results/convergence-cpu.json (runs may finish in parallel); `report` writes
+convergence.md and convergence.png (benchmarks/convergence_report.py). Recipes: RECIPES below
+(each a set of trainer-config overrides over the demo's).
 """
 
 from __future__ import annotations

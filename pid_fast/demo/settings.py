@@ -16,8 +16,9 @@ __all__ = ["DEMO_DEFAULTS", "demo_config", "DemoRun"]
 # (its built-in warm-up lasts ~200 steps instead of ~2000) and a cosine decay to 0 at the last
 # step. The scored weights are the raw ones blended with TEACHER_SHARE of the teacher's
 # (WiSE-FT-style weight interpolation, chosen after training like an EMA length): at this budget
-# the raw weights are soft (too few saturated pixels) and the blend brings the samples' distribution
-# to the teacher's. Measured in benchmarks/results/convergence.md (digits FD of 10000 samples on 3
+# the raw weights are soft (too few saturated pixels) and the blend makes the samples crisper (at
+# 0.2 a little crisper than the teacher's, which the digits FD rewards; 0.15 is closest to the
+# teacher's own samples, at the cost of some per-sample accuracy either way). Measured in benchmarks/results/convergence.md (digits FD of 10000 samples on 3
 # seed sets, none of them the demo's seeds): this recipe at 400 steps against the previous one
 # (RAdam (0.9, 0.999) constant, EMA 0.998, 1200 steps).
 TEACHER_SHARE = 0.2
