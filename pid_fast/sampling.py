@@ -1,5 +1,6 @@
 """Time grids and samplers: the Karras sigma grid, PID's training grid t_i with its
-neighbour rule, EDM's deterministic Heun sampler and Euler for the teacher, one-step
+neighbour rule, EDM's deterministic Heun sampler and Euler for the teacher (on EDM's grid, an
+explicit sigma list or a diffusers teacher's own scheduler grid), one-step
 sampling and trajectory evaluation of a PID student, and per-seed noise.
 
 Conventions (EDM): time is the noise level sigma, the probability-flow ODE is
@@ -18,7 +19,7 @@ from pid_fast.models.preconditioning import edm_coefficients, sigma_vector, stud
 
 __all__ = [
     "SIGMA_MIN", "SIGMA_MAX", "RHO", "SIGMA_DATA", "NUM_POINTS", "karras_sigmas", "pid_time", "pid_grid",
-    "pid_neighbour_index", "sample_pid_times", "heun_sample", "euler_sample", "ode_sample",
+    "pid_neighbour_index", "sample_pid_times", "GRIDS", "heun_sample", "euler_sample", "ode_sample",
     "seeded_randn", "seeded_latents", "student_trajectory", "student_sample",
 ]
 
@@ -115,57 +116,109 @@ def karras_sigmas(num_steps: int = 18, sigma_min: float = SIGMA_MIN, sigma_max: 
 # ----------------------------------------------------------------------------------------
 # Teacher samplers (deterministic: EDM's S_churn = 0).
 
+GRIDS = ("karras", "scheduler")
+
+
 def ode_sample(denoiser: Callable[..., torch.Tensor], latents: torch.Tensor,
-               class_labels: torch.Tensor | None = None, *, solver: str = "heun", num_steps: int = 18,
+               class_labels: torch.Tensor | None = None, *, solver: str = "heun", num_steps: int | None = None,
                sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, rho: float = RHO,
-               dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """Integrate the PF-ODE from x(sigma_max) = sigma_max * latents to sigma = 0 on the Karras grid.
+               dtype: torch.dtype = torch.float64, sigmas: Sequence[float] | torch.Tensor | None = None,
+               grid: str = "karras") -> torch.Tensor:
+    """Integrate the PF-ODE from x(sigma_max) = sigma_max * latents to sigma = 0.
+
+    The grid (``num_steps`` steps, 18 by default):
+    - grid="karras" (EDM's): `karras_sigmas` between sigma_min and sigma_max, clipped to the
+      denoiser's `sigma_min`/`sigma_max` attributes when it has them (as EDM does) and mapped
+      through its `round_sigma`; the start is sigma_max * latents.
+    - grid="scheduler": a diffusers teacher's own grid (its `sampling_grid`, e.g.
+      DiffusersDenoiser with its scheduler): the sigmas and UNet timesteps that diffusers'
+      EulerDiscreteScheduler / HeunDiscreteScheduler loop uses after set_timesteps(num_steps)
+      (timestep_spacing, steps_offset, karras sigmas, ... from the teacher's scheduler config), and
+      the start latents * init_noise_sigma: the same samples as that loop from the same latents.
+    - ``sigmas``: an explicit decreasing list of noise levels, first the start (latents * sigmas[0])
+      and last the end point (0 for a finished sample), used as given (num_steps = len - 1).
 
     `solver='heun'` is EDM's Algorithm 1 (trapezoidal correction on every step except the
-    last one into sigma = 0): 2 num_steps - 1 denoiser calls, 35 for 18 steps.
-    `solver='euler'` takes first-order steps: num_steps calls.
-    The sigma range is clipped to the denoiser's `sigma_min`/`sigma_max` attributes when it
-    has them (as EDM does). The state is kept in `dtype` (fp64 by default, like EDM).
+    last one): 2 num_steps - 1 denoiser calls, 35 for 18 steps; diffusers' HeunDiscreteScheduler
+    is the same method. `solver='euler'` takes first-order steps: num_steps calls.
+    The state is kept in `dtype` (fp64 by default, like EDM).
     """
     if solver not in ("heun", "euler"):
         raise ValueError(f"ode_sample: solver must be 'heun' or 'euler', got {solver!r}")
+    if grid not in GRIDS:
+        raise ValueError(f"ode_sample: grid must be one of {GRIDS}, got {grid!r}")
     if not callable(denoiser):
         raise TypeError(f"ode_sample: denoiser must be callable D(x, sigma, labels), got {type(denoiser).__name__}")
     if not isinstance(latents, torch.Tensor) or latents.ndim < 1 or latents.shape[0] == 0:
         raise ValueError("ode_sample: latents must be a tensor with a non-empty batch dimension")
-    sigma_min = max(sigma_min, float(getattr(denoiser, "sigma_min", 0.0)))
-    sigma_max = min(sigma_max, float(getattr(denoiser, "sigma_max", math.inf)))
-    t_steps = karras_sigmas(num_steps, sigma_min, sigma_max, rho, round_sigma=getattr(denoiser, "round_sigma", None),
-                            dtype=torch.float64, device=latents.device)
+    t_steps, timesteps, start_scale = _sampling_grid(denoiser, solver, num_steps, sigma_min, sigma_max, rho, sigmas,
+                                                     grid, latents.device)
     batch = latents.shape[0]
 
-    def drift(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        # dx/dt = (x - D(x; t)) / t
-        denoised = denoiser(x, t.expand(batch), class_labels).to(dtype)
-        return (x - denoised) / t.to(dtype)
+    def drift(x: torch.Tensor, i: int) -> torch.Tensor:
+        # dx/dt = (x - D(x; t)) / t at grid point i (with the scheduler's timestep label, if any)
+        t = t_steps[i]
+        if timesteps is None:
+            denoised = denoiser(x, t.expand(batch), class_labels)
+        else:
+            denoised = denoiser(x, t.expand(batch), class_labels, timestep=timesteps[i].expand(batch))
+        return (x - denoised.to(dtype)) / t.to(dtype)
 
-    x_next = latents.to(dtype) * t_steps[0].to(dtype)
-    for i in range(num_steps):
+    x_next = latents.to(dtype) * start_scale
+    steps = t_steps.numel() - 1
+    for i in range(steps):
         t_cur, t_next = t_steps[i], t_steps[i + 1]
         x_cur = x_next
-        d_cur = drift(x_cur, t_cur)
+        d_cur = drift(x_cur, i)
         x_next = x_cur + (t_next - t_cur).to(dtype) * d_cur
-        if solver == "heun" and i < num_steps - 1:
+        if solver == "heun" and i < steps - 1:
             # Trapezoidal rule: average the slopes at both ends of the step.
-            d_prime = drift(x_next, t_next)
+            d_prime = drift(x_next, i + 1)
             x_next = x_cur + (t_next - t_cur).to(dtype) * (0.5 * d_cur + 0.5 * d_prime)
     return x_next
 
 
+def _sampling_grid(denoiser, solver: str, num_steps, sigma_min: float, sigma_max: float, rho: float, sigmas,
+                   grid: str, device) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+    """(the grid's sigmas in float64, the time labels at them or None, the initial noise scale)."""
+    if sigmas is not None:
+        if num_steps is not None or grid != "karras":
+            raise ValueError(f"ode_sample: pass either sigmas or num_steps / grid, not both (got sigmas and "
+                             f"num_steps={num_steps!r}, grid={grid!r})")
+        t_steps = torch.as_tensor(sigmas, dtype=torch.float64).reshape(-1).to(device)
+        if t_steps.numel() < 2 or not bool(torch.isfinite(t_steps).all()) or bool((t_steps < 0).any()):
+            raise ValueError(f"ode_sample: sigmas must hold at least 2 finite, non-negative noise levels, got "
+                             f"{t_steps.tolist()}")
+        if not bool((t_steps[1:] < t_steps[:-1]).all()):
+            raise ValueError(f"ode_sample: sigmas must decrease strictly, got {t_steps.tolist()}")
+        return t_steps, None, float(t_steps[0])
+    num_steps = 18 if num_steps is None else _check_count(num_steps, 1, "num_steps", "ode_sample")
+    if grid == "scheduler":
+        make_grid = getattr(denoiser, "sampling_grid", None)
+        if make_grid is None:
+            raise ValueError(f"ode_sample: grid='scheduler' needs a denoiser with a diffusers scheduler "
+                             f"(DiffusersDenoiser.from_scheduler, load_diffusers_teacher), got "
+                             f"{type(denoiser).__name__}")
+        found = make_grid(num_steps, solver)
+        return (found["sigmas"].to(device=device, dtype=torch.float64), found["timesteps"].to(device),
+                float(found["init_noise_sigma"]))
+    sigma_min = max(sigma_min, float(getattr(denoiser, "sigma_min", 0.0)))
+    sigma_max = min(sigma_max, float(getattr(denoiser, "sigma_max", math.inf)))
+    t_steps = karras_sigmas(num_steps, sigma_min, sigma_max, rho, round_sigma=getattr(denoiser, "round_sigma", None),
+                            dtype=torch.float64, device=device)
+    return t_steps, None, float(t_steps[0])
+
+
 def heun_sample(denoiser: Callable[..., torch.Tensor], latents: torch.Tensor,
                 class_labels: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
-    """EDM's deterministic 2nd-order sampler (18 steps = 35 evaluations by default)."""
+    """EDM's deterministic 2nd-order sampler (18 steps = 35 evaluations by default; `ode_sample`'s
+    keywords: num_steps, sigmas, grid='scheduler', ...)."""
     return ode_sample(denoiser, latents, class_labels, solver="heun", **kwargs)
 
 
 def euler_sample(denoiser: Callable[..., torch.Tensor], latents: torch.Tensor,
                  class_labels: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
-    """First-order (Euler) PF-ODE sampler on the same grid."""
+    """First-order (Euler) PF-ODE sampler (`ode_sample`'s keywords)."""
     return ode_sample(denoiser, latents, class_labels, solver="euler", **kwargs)
 
 

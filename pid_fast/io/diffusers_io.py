@@ -27,8 +27,9 @@ import torch
 from torch import nn
 
 from pid_fast.io.errors import CheckpointFormatError
-from pid_fast.models.diffusers_adapter import (UNET_CLASSES, DiffusersDenoiser, DiffusersUNet, import_diffusers,
-                                               one_step_settings)
+from pid_fast.models.diffusers_adapter import (EDM_SCHEDULERS, UNET_CLASSES, DiffusersDenoiser, DiffusersUNet,
+                                               denoiser_from_scheduler, import_diffusers, one_step_settings,
+                                               scheduler_alphas_cumprod)
 
 __all__ = ["ONE_STEP_FILE", "find_diffusers_parts", "load_diffusers_scheduler", "load_diffusers_teacher",
            "export_one_step", "load_one_step", "one_step_sample"]
@@ -76,7 +77,8 @@ def find_diffusers_parts(path: str | os.PathLike, scheduler: Optional[str | os.P
 
 def load_diffusers_scheduler(config_file: str, *, name: str = "teacher.scheduler") -> Any:
     """The diffusers scheduler of a scheduler_config.json (built from the config; no download).
-    Only DDPM-style schedulers with a discrete ``alphas_cumprod`` are accepted."""
+    Accepted: DDPM-style schedulers with a discrete ``alphas_cumprod`` (zero terminal SNR included)
+    and the EDM ones (EDM_SCHEDULERS)."""
     diffusers = import_diffusers(name)
     config = _read_json(config_file, name)
     class_name = config.get("_class_name", "DDPMScheduler")
@@ -84,10 +86,16 @@ def load_diffusers_scheduler(config_file: str, *, name: str = "teacher.scheduler
     if scheduler_class is None or not hasattr(scheduler_class, "from_config"):
         raise ValueError(f"{name}: unknown scheduler class {class_name!r} in {config_file!r}")
     scheduler = scheduler_class.from_config(config)
+    if class_name in EDM_SCHEDULERS:
+        return scheduler
     if getattr(scheduler, "alphas_cumprod", None) is None or "prediction_type" not in scheduler.config:
         raise ValueError(f"{name}: unsupported scheduler {class_name!r}: PID needs a DDPM-style discrete schedule "
                          f"(alphas_cumprod) with a prediction_type, e.g. DDPMScheduler, DDIMScheduler, "
-                         f"EulerDiscreteScheduler")
+                         f"EulerDiscreteScheduler, or an EDM one ({', '.join(EDM_SCHEDULERS)})")
+    try:
+        scheduler_alphas_cumprod(scheduler)
+    except ValueError as exc:
+        raise ValueError(f"{name}: {exc}") from None
     return scheduler
 
 
@@ -116,7 +124,7 @@ def load_diffusers_teacher(path: str | os.PathLike, *, scheduler: Optional[str |
     sched = load_diffusers_scheduler(scheduler_file)
     unet = _load_unet(unet_dir, name, device, dtype)
     try:
-        teacher = DiffusersDenoiser.from_scheduler(
+        teacher = denoiser_from_scheduler(
             unet, sched, timestep_rounding=timestep_rounding,
             **({} if prediction_type is None else {"prediction_type": prediction_type}))
     except ValueError as exc:  # e.g. an unsupported prediction_type in the scheduler config

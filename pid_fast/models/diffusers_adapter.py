@@ -25,6 +25,21 @@ Outside the trained range [sigma_0, sigma_{K-1}] the time label is clamped to th
 while c_skip, c_out and c_in keep the true sigma. ``sigma_min``/``sigma_max`` are the
 trained range (samplers clip to them, as EDM's do); the PID grid is the loss's own.
 
+Schedulers (``DiffusersDenoiser.from_scheduler`` / ``denoiser_from_scheduler``):
+- DDPM-style discrete schedules (DDPMScheduler, DDIMScheduler, EulerDiscreteScheduler, ...: anything
+  with ``alphas_cumprod`` and a prediction_type): ``DiffusersDenoiser`` above.
+- zero terminal SNR (``rescale_betas_zero_snr=True``: alphas_cumprod ends at 0, an infinite sigma):
+  the terminal step has no finite sigma, so the sigma <-> timestep table and the trained range stop
+  at the step before it (K-2); samplers on the scheduler's own grid (``scheduler_grid``) still start
+  at the terminal timestep with diffusers' stand-in alphas_cumprod 2**-24, as its Euler scheduler does.
+- EDM-parametrised schedules (EDMEulerScheduler, EDMDPMSolverMultistepScheduler, e.g. Playground
+  v2.5): ``DiffusersEDMDenoiser``, D = c_skip x + c_out F(c_in x, ln(sigma) / 4) with the scheduler's
+  sigma_data, c_skip = sd^2 / (sigma^2 + sd^2), c_in = 1 / sqrt(sigma^2 + sd^2) and
+  c_out = +-sigma sd / sqrt(sigma^2 + sd^2) (+ for 'epsilon', - for 'v_prediction', as diffusers'
+  precondition_outputs; 'sample' is refused there too); the trained range is the scheduler's
+  [sigma_min, sigma_max].
+Anything else (flow matching, score-SDE VE) is refused with the scheduler's name.
+
 Labels: a class-conditional UNet (num_class_embeds) takes one-hot or integer class labels; a
 cross-attention UNet takes encoder_hidden_states [B, L, D] as the labels tensor; any UNet
 takes a mapping of its keyword arguments (e.g. {"encoder_hidden_states": ..., "class_labels": ...}).
@@ -40,13 +55,22 @@ from torch import nn
 
 from pid_fast.models.preconditioning import Coefficients, Preconditioning, _check_batch, _per_sample, sigma_vector
 
-__all__ = ["PREDICTION_TYPES", "TIMESTEP_ROUNDINGS", "UNET_CLASSES", "import_diffusers", "schedule_sigmas",
-           "SigmaToTimestep", "DiffusersUNet", "DiffusersDenoiser", "build_diffusers_network", "is_diffusers_network",
-           "diffusers_noise_labels", "one_step_settings"]
+__all__ = ["PREDICTION_TYPES", "TIMESTEP_ROUNDINGS", "UNET_CLASSES", "EDM_SCHEDULERS", "SAMPLER_SCHEDULERS",
+           "import_diffusers", "schedule_sigmas", "scheduler_alphas_cumprod", "scheduler_sigma_range",
+           "SigmaToTimestep", "DiffusersUNet", "DiffusersDenoiser", "DiffusersEDMDenoiser", "denoiser_from_scheduler",
+           "sampler_scheduler", "scheduler_grid", "diffusers_loop", "build_diffusers_network", "is_diffusers_network", "diffusers_noise_labels",
+           "one_step_settings"]
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 TIMESTEP_ROUNDINGS = ("interpolate", "nearest")
 UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
+# EDM-parametrised diffusers schedulers (DiffusersEDMDenoiser) and their prediction types
+EDM_SCHEDULERS = ("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler")
+EDM_PREDICTION_TYPES = ("epsilon", "v_prediction")
+# The diffusers scheduler whose loop each pid_fast solver reproduces on the scheduler's own grid
+SAMPLER_SCHEDULERS = {"euler": "EulerDiscreteScheduler", "heun": "HeunDiscreteScheduler"}
+# diffusers' stand-in for a zero terminal alphas_cumprod (EulerDiscreteScheduler, rescale_betas_zero_snr)
+ZERO_SNR_ALPHA_CUMPROD = 2.0 ** -24
 
 
 def import_diffusers(what: str):
@@ -61,6 +85,10 @@ def import_diffusers(what: str):
 def schedule_sigmas(alphas_cumprod: Any, name: str = "alphas_cumprod") -> torch.Tensor:
     """sigma_k = sqrt((1 - ab_k) / ab_k) in float64, checked strictly increasing and positive."""
     ab = torch.as_tensor(alphas_cumprod, dtype=torch.float64).reshape(-1).cpu()
+    if ab.numel() >= 2 and float(ab[-1]) == 0 and bool((ab[:-1] > 0).all()):
+        raise ValueError(f"{name}: ends at 0, a zero-terminal-SNR schedule (rescale_betas_zero_snr=True) whose last "
+                         f"step has an infinite sigma; pass the scheduler (DiffusersDenoiser.from_scheduler / "
+                         f"load_diffusers_teacher drop that step) or alphas_cumprod[:-1]")
     if ab.numel() < 2 or not bool(((ab > 0) & (ab < 1)).all()):
         raise ValueError(f"{name}: expected at least 2 values in (0, 1), got {ab.numel()} values in "
                          f"[{float(ab.min()) if ab.numel() else 'n/a'}, {float(ab.max()) if ab.numel() else 'n/a'}]")
@@ -210,19 +238,67 @@ def diffusers_noise_labels(rule: Mapping[str, Any]):
     return SigmaToTimestep(rule["alphas_cumprod"], rule.get("timestep_rounding", "interpolate"))
 
 
+def _scheduler_config(scheduler: Any) -> dict:
+    """A scheduler's config as a plain dict with its '_class_name'."""
+    config = getattr(scheduler, "config", None)
+    if config is None:
+        raise ValueError(f"scheduler: expected a diffusers scheduler (with a config), got {type(scheduler).__name__}")
+    return {**{k: _plain(v) for k, v in dict(config).items()}, "_class_name": type(scheduler).__name__}
+
+
+def _zero_terminal_snr(scheduler: Any) -> bool:
+    return bool(getattr(scheduler, "config", {}).get("rescale_betas_zero_snr", False))
+
+
+def scheduler_alphas_cumprod(scheduler: Any) -> torch.Tensor:
+    """The alphas_cumprod of a DDPM-style scheduler whose steps all have a finite sigma: a
+    zero-terminal-SNR schedule (rescale_betas_zero_snr) without its last step (module docstring)."""
+    ab = getattr(scheduler, "alphas_cumprod", None)
+    config = getattr(scheduler, "config", None)
+    if ab is None or config is None or "prediction_type" not in config:
+        raise ValueError(f"scheduler: {type(scheduler).__name__} has no discrete alphas_cumprod schedule with a "
+                         f"prediction_type (supported: DDPM-style schedulers such as DDPMScheduler, "
+                         f"DDIMScheduler, EulerDiscreteScheduler, and the EDM ones: {', '.join(EDM_SCHEDULERS)})")
+    ab = torch.as_tensor(ab, dtype=torch.float64).reshape(-1)
+    if _zero_terminal_snr(scheduler):
+        # diffusers keeps 0 (DDPM, DDIM) or puts 2**-24 (Euler) at the terminal step; either way
+        # that step is not part of the schedule's finite, increasing sigmas.
+        ab = ab[:-1]
+    return ab
+
+
+def scheduler_sigma_range(scheduler: Any) -> tuple[float, float]:
+    """The trained sigma range [sigma_min, sigma_max] of a supported diffusers scheduler: the
+    ends of a DDPM-style schedule, or an EDM scheduler's config sigma_min / sigma_max."""
+    if type(scheduler).__name__ in EDM_SCHEDULERS:
+        return float(scheduler.config["sigma_min"]), float(scheduler.config["sigma_max"])
+    sigmas = schedule_sigmas(scheduler_alphas_cumprod(scheduler))
+    return float(sigmas[0]), float(sigmas[-1])
+
+
+def denoiser_from_scheduler(unet: nn.Module, scheduler: Any, **kwargs: Any) -> "DiffusersDenoiser":
+    """The denoiser of ``unet`` under a diffusers ``scheduler``: a DiffusersEDMDenoiser for the EDM
+    schedulers (EDM_SCHEDULERS), else a DiffusersDenoiser on the discrete schedule. ``kwargs``:
+    the class's keyword arguments (e.g. prediction_type, which overrides the scheduler's)."""
+    if type(scheduler).__name__ in EDM_SCHEDULERS:
+        return DiffusersEDMDenoiser.from_scheduler(unet, scheduler, **kwargs)
+    return DiffusersDenoiser.from_scheduler(unet, scheduler, **kwargs)
+
+
 class DiffusersDenoiser(Preconditioning):
     """D(x; sigma) of a diffusers UNet on its discrete schedule (the module docstring gives the
     coefficients). ``model``: a DiffusersUNet or a bare UNet2DModel / UNet2DConditionModel;
     ``alphas_cumprod``: the schedule's (a scheduler's ``alphas_cumprod``); ``prediction_type``:
     'epsilon', 'v_prediction' or 'sample'; ``timestep_rounding``: 'interpolate' | 'nearest'
     (None: 'nearest' for learned time embeddings, else 'interpolate'); ``sigma_min`` /
-    ``sigma_max``: default the trained range."""
+    ``sigma_max``: default the trained range; ``scheduler_config``: the scheduler's config
+    (with '_class_name'), which the samplers' grid="scheduler" reads (``scheduler_grid``)."""
 
     def __init__(self, model: nn.Module, alphas_cumprod: Any, prediction_type: str = "epsilon", *,
                  timestep_rounding: Optional[str] = None, sigma_min: Optional[float] = None,
-                 sigma_max: Optional[float] = None, sigma_data: float = 0.5):
-        if not isinstance(model, DiffusersUNet):
-            model = DiffusersUNet(model)
+                 sigma_max: Optional[float] = None, sigma_data: float = 0.5,
+                 scheduler_config: Optional[Mapping[str, Any]] = None):
+        model = self._wrap(model)
         super().__init__(model, label_dim=model.label_dim)
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
@@ -238,19 +314,27 @@ class DiffusersDenoiser(Preconditioning):
         self.sigma_min = float(self.timesteps.sigmas[0] if sigma_min is None else sigma_min)
         self.sigma_max = float(self.timesteps.sigmas[-1] if sigma_max is None else sigma_max)
         self.sigma_data = float(sigma_data)
+        self.scheduler_config = None if scheduler_config is None else dict(scheduler_config)
+
+    @staticmethod
+    def _wrap(model: nn.Module) -> "DiffusersUNet":
+        return model if isinstance(model, DiffusersUNet) else DiffusersUNet(model)
 
     @classmethod
     def from_scheduler(cls, unet: nn.Module, scheduler: Any, **kwargs: Any) -> "DiffusersDenoiser":
         """From a diffusers scheduler object (DDPMScheduler, DDIMScheduler, ... : anything with
-        ``alphas_cumprod`` and ``config.prediction_type``)."""
-        ab = getattr(scheduler, "alphas_cumprod", None)
-        config = getattr(scheduler, "config", None)
-        if ab is None or config is None or "prediction_type" not in config:
-            raise ValueError(f"scheduler: {type(scheduler).__name__} has no discrete alphas_cumprod schedule with a "
-                             f"prediction_type (supported: DDPM-style schedulers such as DDPMScheduler, "
-                             f"DDIMScheduler, EulerDiscreteScheduler)")
-        kwargs.setdefault("prediction_type", config["prediction_type"])
+        ``alphas_cumprod`` and ``config.prediction_type``; zero terminal SNR without its last step)."""
+        if type(scheduler).__name__ in EDM_SCHEDULERS:
+            raise ValueError(f"scheduler: {type(scheduler).__name__} is EDM-parametrised; use "
+                             f"DiffusersEDMDenoiser.from_scheduler or denoiser_from_scheduler")
+        ab = scheduler_alphas_cumprod(scheduler)
+        kwargs.setdefault("prediction_type", scheduler.config["prediction_type"])
+        kwargs.setdefault("scheduler_config", _scheduler_config(scheduler))
         return cls(unet, ab, **kwargs)
+
+    def pid_sigma_range(self) -> tuple[float, float]:
+        """PID's default range: the trained one, [sigma_min, sigma_max]."""
+        return self.sigma_min, self.sigma_max
 
     def coefficients(self, sigma: torch.Tensor) -> Coefficients:
         one = torch.ones_like(sigma)
@@ -276,12 +360,25 @@ class DiffusersDenoiser(Preconditioning):
         """F(x_in, timestep, labels) in fp32 (the UNet runs in its own dtype)."""
         return self.model(x_in, c_noise.reshape(-1), class_labels).to(torch.float32)
 
-    def forward(self, x: torch.Tensor, sigma: Any, class_labels: Any = None, force_fp32: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sigma: Any, class_labels: Any = None, force_fp32: bool = False,
+                timestep: Any = None) -> torch.Tensor:
+        """D(x; sigma). ``timestep``: the UNet's time label instead of the one of sigma (a sampler
+        on a diffusers scheduler's own grid passes the scheduler's timesteps)."""
         x = _check_batch(x, type(self).__name__).to(torch.float32)
         sigma = sigma_vector(sigma, x.shape[0], device=x.device)
         c = self.coefficients(sigma)
-        F_x = self.raw(_per_sample(c.c_in, x.ndim) * x, c.c_noise, class_labels)
+        c_noise = c.c_noise if timestep is None else sigma_vector(timestep, x.shape[0], device=x.device,
+                                                                  name="timestep")
+        F_x = self.raw(_per_sample(c.c_in, x.ndim) * x, c_noise, class_labels)
         return _per_sample(c.c_skip, x.ndim) * x + _per_sample(c.c_out, x.ndim) * F_x
+
+    def sampling_grid(self, num_steps: int, solver: str) -> dict:
+        """The grid of the diffusers loop of ``solver`` on this teacher's scheduler (``scheduler_grid``);
+        what the samplers' grid="scheduler" runs on."""
+        if self.scheduler_config is None:
+            raise ValueError(f"grid='scheduler': this {type(self).__name__} was built without its scheduler; build it "
+                             f"with from_scheduler / load_diffusers_teacher, or pass scheduler_config")
+        return scheduler_grid(self.scheduler_config, num_steps, solver)
 
     def noise_rule(self) -> dict:
         """The student's time-label rule, JSON-able (the checkpoint's 'noise_rule')."""
@@ -293,12 +390,128 @@ class DiffusersDenoiser(Preconditioning):
                 f"steps={len(self.alphas_cumprod)}, sigma_min={self.sigma_min:.4g}, sigma_max={self.sigma_max:.4g}")
 
 
+class DiffusersEDMDenoiser(DiffusersDenoiser):
+    """D(x; sigma) of a diffusers UNet under an EDM scheduler (EDMEulerScheduler,
+    EDMDPMSolverMultistepScheduler): EDM's preconditioning with the scheduler's sigma_data and
+    diffusers' sign of c_out per prediction type (module docstring). Time label ln(sigma) / 4, as
+    EDM's, so the student's noise rule is EDM's."""
+
+    def __init__(self, model: nn.Module, prediction_type: str = "epsilon", *, sigma_data: float = 0.5,
+                 sigma_min: float = 0.002, sigma_max: float = 80.0,
+                 scheduler_config: Optional[Mapping[str, Any]] = None):
+        model = self._wrap(model)
+        Preconditioning.__init__(self, model, label_dim=model.label_dim)
+        if prediction_type not in EDM_PREDICTION_TYPES:
+            raise ValueError(f"prediction_type: the EDM schedulers' preconditioning (precondition_outputs) takes "
+                             f"{' or '.join(EDM_PREDICTION_TYPES)}, got {prediction_type!r}")
+        if model.integer_timesteps:
+            raise ValueError("unet: learned (lookup-table) time embeddings take integer timesteps; an EDM scheduler's "
+                             "time label is ln(sigma) / 4")
+        if not (math.isfinite(sigma_data) and sigma_data > 0):
+            raise ValueError(f"sigma_data: must be a positive number, got {sigma_data!r}")
+        self.prediction_type = prediction_type
+        self.timestep_rounding = "interpolate"
+        self.sigma_data, self.sigma_min, self.sigma_max = float(sigma_data), float(sigma_min), float(sigma_max)
+        self.scheduler_config = None if scheduler_config is None else dict(scheduler_config)
+
+    @classmethod
+    def from_scheduler(cls, unet: nn.Module, scheduler: Any, **kwargs: Any) -> "DiffusersEDMDenoiser":
+        name = type(scheduler).__name__
+        if name not in EDM_SCHEDULERS:
+            raise ValueError(f"scheduler: expected one of {EDM_SCHEDULERS}, got {name}")
+        config = scheduler.config
+        if kwargs.pop("timestep_rounding", None) not in (None, "interpolate"):
+            raise ValueError(f"timestep_rounding: an EDM scheduler ({name}) has continuous time labels; leave it unset")
+        kwargs.setdefault("prediction_type", config["prediction_type"])
+        lo, hi = scheduler_sigma_range(scheduler)
+        return cls(unet, sigma_data=float(config["sigma_data"]), sigma_min=lo, sigma_max=hi,
+                   scheduler_config=_scheduler_config(scheduler), **kwargs)
+
+    def coefficients(self, sigma: torch.Tensor) -> Coefficients:
+        sd2 = self.sigma_data ** 2
+        c_in = (sigma.square() + sd2).rsqrt()
+        sign = 1.0 if self.prediction_type == "epsilon" else -1.0
+        return Coefficients(c_skip=sd2 / (sigma.square() + sd2), c_out=sign * sigma * self.sigma_data * c_in,
+                            c_in=c_in, c_noise=sigma.log() / 4)
+
+    def round_sigma(self, sigma: Any) -> torch.Tensor:
+        return torch.as_tensor(sigma)
+
+    def noise_rule(self) -> dict:
+        return {"precond": "edm"}
+
+    def extra_repr(self) -> str:
+        return (f"prediction_type={self.prediction_type!r}, sigma_data={self.sigma_data:.4g}, "
+                f"sigma_min={self.sigma_min:.4g}, sigma_max={self.sigma_max:.4g}")
+
+
+def sampler_scheduler(scheduler_config: Mapping[str, Any], num_steps: int, solver: str) -> Any:
+    """The diffusers scheduler whose loop ``solver`` ('euler' | 'heun') reproduces, built from a
+    teacher's scheduler config and set to ``num_steps``: EulerDiscreteScheduler /
+    HeunDiscreteScheduler (the config's timestep_spacing, steps_offset, karras sigmas, ... apply),
+    EDMEulerScheduler for an EDM teacher, and Euler's for a zero-terminal-SNR schedule
+    (HeunDiscreteScheduler has no rescale_betas_zero_snr)."""
+    if solver not in SAMPLER_SCHEDULERS:
+        raise ValueError(f"solver must be one of {sorted(SAMPLER_SCHEDULERS)}, got {solver!r}")
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
+    diffusers = import_diffusers("grid='scheduler'")
+    config = dict(scheduler_config)
+    if config.get("_class_name") in EDM_SCHEDULERS:
+        name = "EDMEulerScheduler"
+    elif config.get("rescale_betas_zero_snr"):
+        name = SAMPLER_SCHEDULERS["euler"]
+    else:
+        name = SAMPLER_SCHEDULERS[solver]
+    scheduler = getattr(diffusers, name).from_config(config)
+    scheduler.set_timesteps(num_steps)
+    return scheduler
+
+
+def scheduler_grid(scheduler_config: Mapping[str, Any], num_steps: int, solver: str) -> dict:
+    """The sampling grid of the diffusers loop of ``solver`` (``sampler_scheduler``): {'sigmas': the
+    num_steps + 1 noise levels (float64, ending with the scheduler's final sigma), 'timesteps': the
+    UNet's time label at each of the first num_steps, 'init_noise_sigma': the scale of the initial
+    noise, 'scheduler': its class name}. Heun's interleaved lists are read back as one point per step."""
+    scheduler = sampler_scheduler(scheduler_config, num_steps, solver)
+    name = type(scheduler).__name__
+    sigmas = torch.as_tensor(scheduler.sigmas, dtype=torch.float64).reshape(-1).cpu()
+    timesteps = torch.as_tensor(scheduler.timesteps, dtype=torch.float64).reshape(-1).cpu()
+    if name == "HeunDiscreteScheduler":  # [s0, s1, s1, ..., s_K-1, s_K-1, end], [t0, t1, t1, ...]
+        sigmas = torch.cat([sigmas[:1], sigmas[1:-1:2], sigmas[-1:]])
+        timesteps = torch.cat([timesteps[:1], timesteps[1::2]])
+    if sigmas.numel() != num_steps + 1 or timesteps.numel() != num_steps:
+        raise ValueError(f"scheduler: {name}.set_timesteps({num_steps}) gave {sigmas.numel()} sigmas and "
+                         f"{timesteps.numel()} timesteps; expected {num_steps + 1} and {num_steps}")
+    return {"sigmas": sigmas, "timesteps": timesteps, "init_noise_sigma": float(scheduler.init_noise_sigma),
+            "scheduler": name}
+
+
+@torch.no_grad()
+def diffusers_loop(unet: nn.Module, scheduler_config: Mapping[str, Any], latents: torch.Tensor, *, solver: str,
+                   num_steps: int, **unet_kwargs: Any) -> torch.Tensor:
+    """diffusers' own sampling loop (scale_model_input, the UNet, step) of ``sampler_scheduler``
+    from ``latents`` z ~ N(0, I): the reference that grid="scheduler" reproduces. ``unet_kwargs``:
+    e.g. class_labels=..."""
+    scheduler = sampler_scheduler(scheduler_config, num_steps, solver)
+    x = latents.to(torch.float32) * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        model_input = scheduler.scale_model_input(x, t)
+        out = unet(model_input, t, **unet_kwargs).sample
+        x = scheduler.step(out, t, x).prev_sample
+    return x
+
+
 def one_step_settings(meta: Mapping[str, Any]) -> dict:
     """The constants of a PID student's one-step sample x = noise_weight z + output_weight
     unet(input_scale z, timestep).sample (z ~ N(0, I)), from its checkpoint metadata: the
     student's x(n, t) = (t/T) n + (1 - t/T) F(c n, c_noise(t)) at t = sigma_min, n = T z."""
     T, t, sd = float(meta["sigma_max"]), float(meta["sigma_min"]), float(meta["sigma_data"])
-    timestep = float(diffusers_noise_labels(meta["noise_rule"])(torch.tensor([t], dtype=torch.float32))[0])
+    rule = meta["noise_rule"]
+    if rule["precond"] == "edm":  # an EDM-scheduler teacher's label ln(t) / 4 (DiffusersEDMDenoiser)
+        timestep = float(torch.tensor([t], dtype=torch.float32).log()[0] / 4)
+    else:
+        timestep = float(diffusers_noise_labels(rule)(torch.tensor([t], dtype=torch.float32))[0])
     return {"timestep": timestep, "input_scale": T / math.sqrt(sd * sd + T * T), "noise_weight": t,
             "output_weight": 1.0 - t / T, "clamp": [-1.0, 1.0], "sigma_min": t, "sigma_max": T, "sigma_data": sd,
             "shape": list(meta["shape"]), "label_dim": int(meta["label_dim"])}

@@ -4,23 +4,27 @@ checkpoint so that a student samples without its teacher)."""
 
 from __future__ import annotations
 
+import math
+import warnings
 from typing import Any, Callable, Mapping, Optional
 
 import torch
 from torch import nn
 
+from pid_fast.checks import check_grid
 from pid_fast.io import init_student_from_teacher
-from pid_fast.io.diffusers_io import load_diffusers_teacher
+from pid_fast.io.diffusers_io import find_diffusers_parts, load_diffusers_scheduler, load_diffusers_teacher
 from pid_fast.io.teachers import load_teacher_with_config
 from pid_fast.loss import PIDLoss
 from pid_fast.models.diffusers_adapter import (DiffusersDenoiser, build_diffusers_network, diffusers_noise_labels,
-                                               is_diffusers_network)
+                                               is_diffusers_network, scheduler_sigma_range)
 from pid_fast.models.networks import build_network, network_config
 from pid_fast.models.preconditioning import (PRECONDITIONINGS, DirectDenoiser, EDMPrecond, GaussianDenoiser,
                                              Preconditioning, VEPrecond, VPPrecond)
 
 __all__ = ["network_spec", "build_teacher", "given_teacher", "build_student", "resolve_precision", "build_loss",
-           "build_optimizer", "noise_rule", "noise_labels", "student_metadata"]
+           "build_optimizer", "teacher_sigma_range", "resolve_sigma_range", "noise_rule", "noise_labels",
+           "student_metadata"]
 
 
 def network_spec(spec: Any, key: str) -> dict:
@@ -93,18 +97,21 @@ def given_teacher(teacher: Preconditioning, tcfg: Mapping[str, Any],
 
 def build_student(scfg: Mapping[str, Any], teacher: Preconditioning, teacher_net: Optional[dict],
                   device: torch.device) -> tuple[nn.Module, dict]:
-    """(student raw network in train mode, its network config)."""
+    """(student raw network in train mode, its network config). The student's image shape and
+    label width must be the teacher's (``check_student_shape``); with student.init 'teacher' or a
+    diffusers teacher, a network given by name takes them from the teacher unless set explicitly."""
     if scfg["network"] is not None:
-        net_cfg = network_spec(scfg["network"], "student.network")
+        spec = scfg["network"]
+        if teacher_net is not None and (scfg["init"] == "teacher" or is_diffusers_network(teacher_net)):
+            spec = _with_teacher_shape(spec, teacher_net, int(getattr(teacher, "label_dim", 0)))
+        net_cfg = network_spec(spec, "student.network")
     elif teacher_net is not None:
         net_cfg = dict(teacher_net)
     else:
         raise ValueError("config['student.network'] is required: the teacher has no network config")
     if scfg["dropout"] is not None:
         net_cfg["dropout"] = float(scfg["dropout"])
-    if int(net_cfg.get("label_dim", 0)) != int(getattr(teacher, "label_dim", 0)):
-        raise ValueError(f"config['student.network'] has label_dim={net_cfg.get('label_dim', 0)} but the teacher "
-                         f"has label_dim={getattr(teacher, 'label_dim', 0)}")
+    check_student_shape(net_cfg, teacher, teacher_net)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(scfg["seed"]))
         net = _build_student_network(net_cfg)
@@ -113,6 +120,43 @@ def build_student(scfg: Mapping[str, Any], teacher: Preconditioning, teacher_net
             raise ValueError("config['student.init'] is 'teacher' but the teacher has no network to copy")
         init_student_from_teacher(net, teacher.model)
     return net.to(device).train().requires_grad_(True), net_cfg
+
+
+# The keys of a network config that fix the images and labels it takes.
+SHAPE_KEYS = ("img_resolution", "in_channels", "out_channels", "label_dim")
+
+
+def _teacher_shape(teacher_net: Mapping[str, Any], label_dim: int) -> dict:
+    """The teacher's image shape and label width as student network keys (the student outputs
+    images like its input: out_channels = the teacher's in_channels)."""
+    return {"img_resolution": int(teacher_net["img_resolution"]), "in_channels": int(teacher_net["in_channels"]),
+            "out_channels": int(teacher_net["in_channels"]), "label_dim": label_dim}
+
+
+def _with_teacher_shape(spec: Any, teacher_net: Mapping[str, Any], label_dim: int) -> Any:
+    """A student network given by name ('name' or {'name': ..., <overrides>}) with the teacher's
+    shape keys where it does not set them itself; a full config (with model_type) as given."""
+    shape = _teacher_shape(teacher_net, label_dim)
+    if isinstance(spec, str):
+        return {"name": spec, **shape}
+    if isinstance(spec, Mapping) and "model_type" not in spec and "name" in spec:
+        return {**{k: v for k, v in shape.items() if k not in spec}, **spec}
+    return spec
+
+
+def check_student_shape(net_cfg: Mapping[str, Any], teacher: Any, teacher_net: Optional[Mapping[str, Any]]) -> None:
+    """The student network's image resolution, channels and label width against the teacher's
+    (its network config when it has one; the label width always): a ValueError naming both."""
+    label_dim = int(getattr(teacher, "label_dim", 0))
+    expected = {"label_dim": label_dim} if teacher_net is None else _teacher_shape(teacher_net, label_dim)
+    for key, want in expected.items():
+        got = int(net_cfg.get(key, 0) if key == "label_dim" else net_cfg[key])
+        if got != want:
+            raise ValueError(f"config['student.network'] has {key}={got} but the teacher has {key}={want}: the "
+                             f"student must take and return the teacher's images"
+                             + (" and labels" if key == "label_dim" else "")
+                             + f" (set {key} to {want}, or give the network by name with student.init 'teacher' "
+                               f"to take the teacher's)")
 
 
 def _build_student_network(net_cfg: Mapping[str, Any]) -> nn.Module:
@@ -141,9 +185,68 @@ def resolve_precision(cfg: Mapping[str, Any], device: torch.device) -> dict:
     return {"precision": precision, "teacher_precision": teacher_precision, "channels_last": channels_last}
 
 
-def build_loss(lcfg: Mapping[str, Any], teacher: Preconditioning, device: torch.device,
+def teacher_sigma_range(tcfg: Mapping[str, Any], *, load: bool = True
+                        ) -> Optional[tuple[tuple[float, float], tuple[float, float]]]:
+    """((PID's default sigma range, the teacher's own range)) of config['teacher'] without building
+    the teacher's network: kinds 'network' and 'gaussian' from the config, a diffusers teacher from
+    its scheduler (``load``), an 'edm' teacher by loading it (``load``); None when ``load`` is False
+    and the teacher is read from a file. The rules are the teacher's (``Preconditioning.pid_sigma_range``,
+    ``sigma_min``/``sigma_max``)."""
+    kind = tcfg["kind"]
+    if kind == "gaussian":
+        stand_in = GaussianDenoiser(tcfg.get("mean", 0.0), tcfg.get("std", 0.5))
+    elif kind == "network":  # the preconditioning's coefficients only
+        stand_in = PRECONDITIONINGS[tcfg.get("precond", "edm")](lambda *a: None,
+                                                                **dict(tcfg.get("precond_kwargs") or {}))
+    elif not load:
+        return None
+    elif kind == "diffusers":
+        _, scheduler_file = find_diffusers_parts(tcfg["path"], tcfg.get("scheduler"))
+        trained = scheduler_sigma_range(load_diffusers_scheduler(scheduler_file))
+        return trained, trained  # DiffusersDenoiser.pid_sigma_range: the trained range
+    else:
+        stand_in, _ = build_teacher(tcfg, torch.device("cpu"))
+    return stand_in.pid_sigma_range(), (float(stand_in.sigma_min), float(stand_in.sigma_max))
+
+
+# A configured end this close to the teacher's (relative) counts as inside: DDPM's smallest
+# trained sigma is 0.0100013, and 0.01 is what users write.
+SIGMA_RANGE_RTOL = 1e-3
+
+
+def resolve_sigma_range(lcfg: dict, teacher: Any) -> tuple[float, float]:
+    """config['loss']'s sigma range for ``teacher``, filled in place where null with the teacher's
+    default (``pid_sigma_range``: a diffusers teacher's trained range, else EDM's 0.002 .. 80 within
+    the teacher's), so that config.json and the checkpoints store it. A range outside the
+    teacher's [sigma_min, sigma_max] is a ValueError naming both, or with loss.allow_extrapolation
+    one warning."""
+    default = teacher.pid_sigma_range() if hasattr(teacher, "pid_sigma_range") else (0.002, 80.0)
+    for key, value in zip(("sigma_min", "sigma_max"), default):
+        if lcfg[key] is None:
+            lcfg[key] = float(value)
+    check_grid(lcfg["N"], lcfg["sigma_min"], lcfg["sigma_max"], lcfg["rho"], where="config: loss.",
+               num_points_name="N")
+    low, high = float(getattr(teacher, "sigma_min", 0.0)), float(getattr(teacher, "sigma_max", math.inf))
+    outside = []
+    if lcfg["sigma_min"] < low * (1 - SIGMA_RANGE_RTOL):
+        outside.append(f"loss.sigma_min={lcfg['sigma_min']:g} is below the teacher's smallest sigma {low:.6g}")
+    if lcfg["sigma_max"] > high * (1 + SIGMA_RANGE_RTOL):
+        outside.append(f"loss.sigma_max={lcfg['sigma_max']:g} is above the teacher's largest sigma {high:.6g}")
+    if outside:
+        what = (f"config: {' and '.join(outside)} (the teacher's range is [{low:.6g}, {high:.6g}]; there its time "
+                f"label is clamped while the preconditioning uses the true sigma)")
+        if not lcfg["allow_extrapolation"]:
+            raise ValueError(f"{what}; set the range inside it (null: the teacher's own) or "
+                             f"loss.allow_extrapolation=true to train there anyway")
+        warnings.warn(f"{what}; training there anyway (loss.allow_extrapolation)", stacklevel=2)
+    return float(lcfg["sigma_min"]), float(lcfg["sigma_max"])
+
+
+def build_loss(lcfg: dict, teacher: Preconditioning, device: torch.device,
                teacher_precision: Optional[str]) -> PIDLoss:
-    """The PID loss of config['loss'] (with its LPIPS network for norm 'lpips')."""
+    """The PID loss of config['loss'] (with its LPIPS network for norm 'lpips'); fills in and
+    checks its sigma range first (``resolve_sigma_range``)."""
+    resolve_sigma_range(lcfg, teacher)
     lpips = None
     if lcfg["norm"] == "lpips":
         from pid_fast.eval.lpips import LPIPSNorm

@@ -33,7 +33,12 @@ DEFAULT_CONFIG: dict[str, Any] = {
     # init "teacher": a copy of the teacher's network (PID); "random": fresh weights (seed).
     # network null: the teacher's architecture.
     "student": {"init": "teacher", "network": None, "dropout": 0.0, "seed": 1},
-    "loss": {"N": 250, "sigma_min": 0.002, "sigma_max": 80.0, "rho": 7.0, "norm": "l2", "huber_c": None,
+    # sigma_min / sigma_max: the PID grid's range; null: the teacher's own (a diffusers teacher's
+    # trained range, e.g. 0.0100 .. 157.4 for DDPM's linear schedule; EDM's 0.002 .. 80 within what
+    # other teachers declare), filled in when the teacher is known and stored in config.json and the
+    # checkpoints. A range outside the teacher's is an error unless allow_extrapolation (then a warning).
+    "loss": {"N": 250, "sigma_min": None, "sigma_max": None, "allow_extrapolation": False, "rho": 7.0,
+             "norm": "l2", "huber_c": None,
              "lpips_weights": None, "lpips_net": "vgg", "lpips_resize": 224,
              # LPIPS pooling: null = "avg" for vgg (the reference's, piq's replace_pooling=True), "max"
              # for alex/squeeze; lpips_lin_weights: the linear heads file (null: the lpips package's)
@@ -188,7 +193,26 @@ def resolve_config(config: Optional[Mapping[str, Any]] = None) -> dict:
     _check_schedules_and_power_ema(cfg)
     _check_teacher(cfg["teacher"])
     _check_student(cfg["student"], cfg["teacher"])
+    _fill_sigma_range(cfg)
     return cfg
+
+
+def _fill_sigma_range(cfg: dict) -> None:
+    """loss.sigma_min / sigma_max left null take the teacher's range where the config alone gives
+    it (kinds 'network' and 'gaussian'); a teacher read from a file fills them when it is loaded
+    (pid_fast.train.builders.resolve_sigma_range). Then the grid is checked as a whole."""
+    from pid_fast.train.builders import teacher_sigma_range
+
+    loss = cfg["loss"]
+    if loss["sigma_min"] is None or loss["sigma_max"] is None:
+        found = teacher_sigma_range(cfg["teacher"], load=False)
+        if found is not None:
+            for key, value in zip(("sigma_min", "sigma_max"), found[0]):
+                if loss[key] is None:
+                    loss[key] = value
+    if loss["sigma_min"] is not None and loss["sigma_max"] is not None:
+        check_grid(loss["N"], loss["sigma_min"], loss["sigma_max"], loss["rho"], where="config: loss.",
+                   num_points_name="N")
 
 
 def _check_run(cfg: Mapping[str, Any]) -> None:
@@ -241,8 +265,12 @@ def _check_schedules_and_power_ema(cfg: Mapping[str, Any]) -> None:
 
 
 def _check_loss(loss: Mapping[str, Any]) -> None:
-    check_grid(loss["N"], loss["sigma_min"], loss["sigma_max"], loss["rho"], where="config: loss.",
-               num_points_name="N")
+    check_int(loss["N"], "config: loss.N", 2)
+    check_positive(loss["rho"], "config: loss.rho")
+    for key in ("sigma_min", "sigma_max"):  # null: the teacher's (_fill_sigma_range)
+        check_positive(loss[key], f"config: loss.{key}", allow_none=True)
+    _need(isinstance(loss["allow_extrapolation"], bool), "loss.allow_extrapolation", "a bool",
+          loss["allow_extrapolation"])
     norm = check_choice(loss["norm"], _name("loss.norm"), LOSS_NORMS)
     # huber_c > 0 with 'huber' and null otherwise. The LPIPS network is only built later, from
     # lpips_weights: a stand-in callable passes the "lpips needs a callable" half of the rule.
@@ -304,12 +332,26 @@ def check_resume_config(stored: Mapping[str, Any], cfg: Mapping[str, Any]) -> di
     """``cfg`` for resuming a run whose checkpoint holds ``stored``: only RESUMABLE_CHANGES may
     differ."""
     stored = _with_keys_added_since(stored)
+    cfg = _with_stored_sigma_range(stored, cfg)
     diffs = [k for k in cfg if k not in RESUMABLE_CHANGES and cfg[k] != stored.get(k)]
     if diffs:
         detail = "; ".join(f"{k}: {stored.get(k)!r} (checkpoint) vs {cfg[k]!r} (now)" for k in diffs)
         raise ValueError(f"cannot resume: the config differs from the checkpoint's in {detail}. Only "
                          f"{', '.join(RESUMABLE_CHANGES)} may change on resume.")
     return dict(cfg)
+
+
+def _with_stored_sigma_range(stored: Mapping[str, Any], cfg: Mapping[str, Any]) -> dict:
+    """``cfg`` with a null sigma range taken from the run (which filled it in from its teacher),
+    and ``stored`` with cfg's allow_extrapolation (a permission, not a setting of the run)."""
+    cfg = copy.deepcopy(dict(cfg))
+    loss, stored_loss = cfg.get("loss"), stored.get("loss")
+    if isinstance(loss, dict) and isinstance(stored_loss, dict):
+        for key in ("sigma_min", "sigma_max"):
+            if loss.get(key) is None:
+                loss[key] = stored_loss.get(key)
+        stored_loss["allow_extrapolation"] = loss.get("allow_extrapolation", False)
+    return cfg
 
 
 def _with_keys_added_since(stored: Mapping[str, Any]) -> dict:
