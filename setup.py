@@ -140,7 +140,8 @@ def limited_api_tag() -> str:
 EVAL = ["clean-fid", "scikit-learn", "matplotlib", "torchvision"]
 LPIPS = ["lpips"]  # brings torchvision; its vgg.pth is the default LPIPS heads file
 DIFFUSERS = ["diffusers>=0.30"]  # teachers/students saved with diffusers' save_pretrained
-TEST = ["pytest", "hypothesis", "pytest-benchmark", "piq==0.8.0", "lpips"] + DIFFUSERS
+ACCELERATE = ["accelerate"]  # the drop-in loss inside an accelerate loop (examples/, tests)
+TEST = ["pytest", "hypothesis", "pytest-benchmark", "piq==0.8.0", "lpips"] + DIFFUSERS + ACCELERATE
 
 setup(
     name="pid_fast",

@@ -54,25 +54,49 @@ def _require_for(config) -> None:
         require("diffusers", "diffusers")
 
 
-def _set_threads(config, threads) -> None:
-    """--threads, else on the CPU the faster of 1 thread and all cores, timed on the student."""
+def _echo_sigma_range(config, run_dir, resume) -> None:
+    """Print the PID grid's sigma range and the teacher's (pid_fast.train.builders.teacher_sigma_range):
+    loss.sigma_min / sigma_max, else a resumed run's (its config.json), else the teacher's default."""
+    import json
+
+    from pid_fast.train.builders import teacher_sigma_range
+
+    loss = dict(config["loss"])
+    stored = os.path.join(run_dir, "config.json")
+    if resume and (loss["sigma_min"] is None or loss["sigma_max"] is None) and os.path.isfile(stored):
+        with open(stored) as f:
+            ran = json.load(f).get("loss", {})
+        loss = {k: ran.get(k) if loss[k] is None else loss[k] for k in ("sigma_min", "sigma_max")}
+    try:
+        default, own = teacher_sigma_range(config["teacher"])
+    except _FILE_ERRORS as exc:  # e.g. a missing teacher folder
+        raise click.ClickException(str(exc)) from None
+    low, high = (default[0] if loss["sigma_min"] is None else loss["sigma_min"],
+                 default[1] if loss["sigma_max"] is None else loss["sigma_max"])
+    if _rank() == 0:
+        click.echo(f"PID sigma range: {low:.6g} .. {high:.6g} (the teacher's: {own[0]:.6g} .. {own[1]:.6g}; "
+                   f"loss.sigma_min / sigma_max, null for the teacher's own)")
+
+
+def _choose_threads(config, threads, run_dir, resume):
+    """The CPU thread count of the run (pid_fast.train.threads.choose_threads: --threads, else
+    the resumed run's, else OMP_NUM_THREADS, else timed on the student), printed with the
+    reason; None off the CPU (torch's count, --threads when given)."""
     import torch
 
-    from pid_fast.train.threads import pick_threads_for_config
+    from pid_fast.train.threads import choose_threads, pick_threads_for_config, recorded_threads
 
-    if threads is None:
-        on_cpu = config["device"] == "cpu" or (config["device"] == "auto" and not torch.cuda.is_available())
-        if not on_cpu:
-            return
-        try:
-            threads, timings = pick_threads_for_config(config)
-        except _FILE_ERRORS as exc:  # e.g. a missing teacher file
-            raise click.ClickException(str(exc)) from None
-        if _rank() == 0:
-            click.echo(f"CPU threads: {threads} (a training-sized forward+backward of the student: "
-                       + ", ".join(f"{n} thread{'s' * (n > 1)} {s * 1e3:.0f} ms" for n, s in timings.items())
-                       + "; --threads N to choose)")
-    torch.set_num_threads(threads)
+    on_cpu = config["device"] == "cpu" or (config["device"] == "auto" and not torch.cuda.is_available())
+    if not on_cpu:
+        return threads
+    recorded = recorded_threads(run_dir) if resume else None
+    try:
+        threads, why = choose_threads(threads, recorded, os.environ, lambda: pick_threads_for_config(config))
+    except _FILE_ERRORS as exc:  # e.g. a missing teacher file
+        raise click.ClickException(str(exc)) from None
+    if _rank() == 0:
+        click.echo(f"CPU threads: {threads} ({why})")
+    return threads
 
 
 @click.command("distill")
@@ -97,13 +121,12 @@ def _set_threads(config, threads) -> None:
 @click.option("--snapshot-every", type=int, default=None, help="Write a PNG grid of one-step samples every K steps.")
 @click.option("--log-every", type=int, default=None, help="Log loss and images/s every K steps.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="torch CPU threads (default on the CPU: the faster of 1 and all cores, timed at start-up).")
+              help="torch CPU threads (default on the CPU: the resumed run's count, else OMP_NUM_THREADS when set, "
+                   "else the faster of 1 and all cores, timed at start-up).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def distill(config_path, run_dir, resume, overrides, total_steps, batch_size, accum, lr, precision, device, seed,
             checkpoint_every, snapshot_every, log_every, threads, no_progress) -> None:
     """Distil a diffusion teacher into a one-step student with PID."""
-    import torch
-
     from pid_fast.train import NonFiniteLossError, train
 
     named = {"total_steps": total_steps, "batch_size": batch_size, "accum": accum, "optimizer.lr": lr,
@@ -114,16 +137,14 @@ def distill(config_path, run_dir, resume, overrides, total_steps, batch_size, ac
         named["progress"] = False
     config = _resolve(config_path, overrides, named)
     _require_for(config)
-    threads_before = torch.get_num_threads()
+    _echo_sigma_range(config, run_dir, resume)
+    threads = _choose_threads(config, threads, run_dir, resume)
     try:
-        _set_threads(config, threads)
-        summary = train(config, run_dir, resume=resume)
+        summary = train(config, run_dir, resume=resume, threads=threads)  # (restores torch's thread count)
     except NonFiniteLossError as exc:
         raise click.ClickException(str(exc)) from None
     except _FILE_ERRORS as exc:  # a missing teacher, an incompatible config on resume, ...
         raise click.ClickException(str(exc)) from None
-    finally:
-        torch.set_num_threads(threads_before)
     if _rank() == 0:
         loss = "n/a" if summary["loss"] is None else f"{summary['loss']:.6g}"
         ips = "n/a" if summary["images_per_s"] is None else f"{summary['images_per_s']:.1f}"

@@ -38,7 +38,7 @@ from pid_fast.eval.metrics import DigitsFeatures, digits_reference_features, fd_
 from pid_fast.eval.plots import plot_fd_over_training, plot_fd_vs_n, plot_loss_curve, save_comparison_grid
 from pid_fast.sampling import euler_sample, heun_sample, seeded_latents
 from pid_fast.train import generate, list_checkpoints, load_student, resolve_config, train
-from pid_fast.train.threads import pick_threads
+from pid_fast.train.threads import choose_threads, pick_threads, recorded_threads
 from pid_fast.train.teacher_share import blend_with_initial
 
 __all__ = ["DEMO_DEFAULTS", "DemoRun", "demo_config", "pick_weights", "run_demo", "baselines", "distill", "score",
@@ -156,12 +156,13 @@ def _image_shape(teacher: torch.nn.Module) -> tuple[int, int, int]:
 
 
 def _use_threads(threads: Optional[int], teacher: torch.nn.Module, run: DemoRun) -> None:
-    """Set torch's CPU threads (timed with ``pick_threads`` when None) and log the run's set-up."""
+    """Set torch's CPU threads by the trainer's rule (pid_fast.train.threads.choose_threads:
+    ``threads``, else a resumed run's, else OMP_NUM_THREADS, else timed) and log the run's set-up."""
     shape = _image_shape(teacher)
-    if threads is None:
-        threads, timings = pick_threads(teacher.model, (run.batch_size, *shape))
-        run.log(f"CPU threads: {threads} (one training-sized forward+backward: "
-                + ", ".join(f"{n} thread(s) {t * 1e3:.0f} ms" for n, t in timings.items()) + ")")
+    recorded = recorded_threads(run.run_dir) if run.resume and os.path.isdir(run.run_dir) else None
+    threads, why = choose_threads(threads, recorded, os.environ,
+                                  lambda: pick_threads(teacher.model, (run.batch_size, *shape)))
+    run.log(f"CPU threads: {threads} ({why})")
     torch.set_num_threads(threads)
     run.log(f"pid-fast demo: teacher {run.teacher_path}\n  {sum(p.numel() for p in teacher.parameters()):,} "
             f"parameters, {shape[1]}x{shape[2]} digits; FD = Frechet distance of digits-classifier features "

@@ -174,14 +174,20 @@ def _build_student_network(net_cfg: Mapping[str, Any]) -> nn.Module:
 AUTO_PRECISION = {False: "fp32", True: "fp16-mixed"}
 
 
-def resolve_precision(cfg: Mapping[str, Any], device: torch.device) -> dict:
+def resolve_precision(cfg: Mapping[str, Any], device: torch.device,
+                      recorded: Optional[Mapping[str, Any]] = None) -> dict:
     """The 'auto' settings made concrete for ``device``: {'precision', 'teacher_precision',
-    'channels_last'}."""
-    precision = cfg["precision"] if cfg["precision"] != "auto" else AUTO_PRECISION[device.type == "cuda"]
+    'channels_last'}. ``recorded``: what a resumed run resolved them to (its checkpoint's
+    'machine'), kept so that a resume on another machine trains as the run did."""
+    recorded = recorded or {}
+    precision = cfg["precision"] if cfg["precision"] != "auto" else recorded.get(
+        "precision", AUTO_PRECISION[device.type == "cuda"])
     teacher_precision = cfg["loss"]["teacher_precision"]
     if teacher_precision == "auto":  # the teacher in bf16 when the student's trunk is
-        teacher_precision = "bf16" if precision in ("bf16", "bf16-mixed") else None
-    channels_last = cfg["channels_last"] if cfg["channels_last"] != "auto" else device.type == "cuda"
+        teacher_precision = recorded.get("teacher_precision",
+                                         "bf16" if precision in ("bf16", "bf16-mixed") else None)
+    channels_last = cfg["channels_last"] if cfg["channels_last"] != "auto" else recorded.get(
+        "channels_last", device.type == "cuda")
     return {"precision": precision, "teacher_precision": teacher_precision, "channels_last": channels_last}
 
 

@@ -32,6 +32,7 @@ import contextlib
 import json
 import os
 import time
+import warnings
 from typing import Any, Mapping, Optional
 
 import torch
@@ -70,19 +71,28 @@ class NonFiniteLossError(RuntimeError):
 
 
 def train(config: Optional[Mapping[str, Any]], run_dir: str | os.PathLike, *, resume: bool = False,
-          teacher: Optional[Preconditioning] = None) -> dict:
+          teacher: Optional[Preconditioning] = None, threads: Optional[int] = None) -> dict:
     """Run PID distillation as configured (see DEFAULT_CONFIG) in ``run_dir``.
 
     resume: continue from the newest checkpoint of ``run_dir`` (a fresh start when there is
     none). teacher: a teacher object to use instead of building config['teacher'] (the config
-    still describes the student). Under torchrun (WORLD_SIZE > 1) or an initialised process
+    still describes the student). threads: torch CPU threads for this run (None: on a resume,
+    the count the checkpoint recorded, else torch's current count); a resume with another count
+    than the checkpoint's warns that it is no longer a bitwise continuation. torch's thread
+    count is restored on return. Under torchrun (WORLD_SIZE > 1) or an initialised process
     group, trains with DDP. Returns a summary dict (step, loss, images_per_s, checkpoint).
     Raises NonFiniteLossError when the loss stops being finite.
     """
     cfg = resolve_config(config)
     run_dir = os.fspath(run_dir)
-    with process_group(cfg["device"]) as ctx, _flush_denormals(ctx.device):
-        return _Run(cfg, run_dir, ctx, resume, teacher).run()
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads: expected None or an int >= 1, got {threads!r}")
+    threads_before = torch.get_num_threads()
+    try:
+        with process_group(cfg["device"]) as ctx, _flush_denormals(ctx.device):
+            return _Run(cfg, run_dir, ctx, resume, teacher, threads).run()
+    finally:
+        torch.set_num_threads(threads_before)
 
 
 @contextlib.contextmanager
@@ -157,7 +167,7 @@ class _Run:
     loss), optimizer and EMAs; and where it stands (step, last checkpoint)."""
 
     def __init__(self, cfg: dict, run_dir: str, ctx: DistContext, resume: bool,
-                 teacher: Optional[Preconditioning]):
+                 teacher: Optional[Preconditioning], threads: Optional[int] = None):
         self.run_dir, self.ctx = run_dir, ctx
         self.global_batch, self.accum_rounds = cfg["batch_size"], cfg["accum"]
         self.per_round_batch = _per_round_batch(self.global_batch, ctx.world_size, self.accum_rounds)
@@ -165,7 +175,9 @@ class _Run:
         found = load_latest_checkpoint(run_dir) if resume else None
         self.last_checkpoint, checkpoint = found or (None, None)
         self.cfg = cfg if checkpoint is None else check_resume_config(checkpoint["config"], cfg)
-        self._build(teacher)
+        recorded = {} if checkpoint is None else checkpoint.get("machine", {})
+        self._set_threads(threads, recorded.get("cpu_threads"))
+        self._build(teacher, recorded)
         self.step = self._restore(checkpoint)
         del found, checkpoint  # (the loaded state's memory is free before training starts)
         self.model, self.loss_forward = _step_forward(
@@ -186,15 +198,43 @@ class _Run:
             remove_stale_temporaries(self.run_dir)
         barrier(self.ctx)
 
-    def _build(self, teacher: Optional[Preconditioning]) -> None:
-        """The teacher, the student, the loss, the optimizer and the EMAs."""
+    def _set_threads(self, threads: Optional[int], recorded: Optional[int]) -> None:
+        """The CPU thread count of this run (pid_fast.train.threads): ``threads`` when given,
+        else the resumed run's; a count other than the resumed run's warns once."""
+        if self.ctx.device.type != "cpu":
+            return
+        if threads is None:
+            threads = recorded if recorded is not None else torch.get_num_threads()
+        if recorded is not None and threads != recorded and self.ctx.rank == 0:
+            warnings.warn(f"resuming {self.last_checkpoint} with {threads} CPU threads, but the run used {recorded}: "
+                          f"CPU kernels reduce in another order, so the resumed run is not the bitwise "
+                          f"continuation of the run (omit --threads to keep {recorded})", stacklevel=4)
+        torch.set_num_threads(threads)
+
+    def _warn_machine_changes(self, recorded: Mapping[str, Any]) -> None:
+        """One warning when the resumed run trained on another kind of machine: another device,
+        number of processes (the all-reduce sums in another order) or CPU instruction set
+        (another kernel)."""
+        changed = [f"{key} {recorded[key]!r} -> {self.machine[key]!r}" for key in ("device", "world_size", "cpu_capability")
+                   if key in recorded and recorded[key] != self.machine[key]]
+        if changed and self.ctx.rank == 0:
+            warnings.warn(f"resuming {self.last_checkpoint} on another machine ({'; '.join(changed)}): the resumed "
+                          f"run is not the bitwise continuation of the run", stacklevel=5)
+
+    def _build(self, teacher: Optional[Preconditioning], recorded: Mapping[str, Any]) -> None:
+        """The teacher, the student, the loss, the optimizer and the EMAs; the 'auto' precision
+        settings as the resumed run resolved them (``recorded``), else for this device."""
         cfg, device = self.cfg, self.ctx.device
         if teacher is not None:
             teacher, teacher_net = given_teacher(teacher, cfg["teacher"], device)
         else:
             teacher, teacher_net = build_teacher(cfg["teacher"], device)
         net, net_cfg = build_student(cfg["student"], teacher, teacher_net, device)
-        modes = resolve_precision(cfg, device)
+        modes = resolve_precision(cfg, device, recorded)
+        self.machine = {"device": device.type, **modes,
+                        "cpu_threads": torch.get_num_threads() if device.type == "cpu" else None,
+                        "world_size": self.ctx.world_size, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+        self._warn_machine_changes(recorded)
         if modes["channels_last"]:  # (the fused ops take any layout; convolutions prefer NHWC)
             net = net.to(memory_format=torch.channels_last)
             teacher = teacher.to(memory_format=torch.channels_last)
@@ -361,6 +401,7 @@ class _Run:
         if self.ctx.rank == 0:
             save_checkpoint(self.run_dir, self.step, {
                 "format": CHECKPOINT_FORMAT, "step": self.step, "config": self.cfg, "world_size": self.ctx.world_size,
+                "machine": self.machine,  # what this start chose from the machine: reused on resume
                 "student": self.student_meta, "model": self.net.state_dict(), "ema": self.ema.state_dict(),
                 **({} if self.power_ema is None else {"power_ema": self.power_ema.state_dict()}),
                 "grid_sampler": self.grid_sampler.state_dict(),

@@ -1,4 +1,5 @@
-"""`pid-fast distill --threads`: set as given; unset on the CPU, timed on the student."""
+"""`pid-fast distill`'s CPU threads: --threads, else the resumed run's count, else OMP_NUM_THREADS,
+else timed on the student (pid_fast.train.threads.choose_threads)."""
 
 import os
 
@@ -7,7 +8,8 @@ import torch
 from click.testing import CliRunner
 
 from pid_fast.cli import main
-from pid_fast.train.threads import pick_threads_for_config
+from pid_fast.train.checkpoint import list_checkpoints, read_checkpoint
+from pid_fast.train.threads import choose_threads, pick_threads_for_config, recorded_threads
 from pid_fast.train import resolve_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -19,7 +21,7 @@ def test_distill_threads_option(tmp_path, config_file, monkeypatch):
     res = CliRunner().invoke(main, ["distill", "--config", config_file(total_steps=1), "--run-dir",
                                     str(tmp_path / "run"), "--threads", "2"])
     assert res.exit_code == 0, res.output
-    assert "CPU threads" not in res.output  # given, not timed
+    assert "CPU threads: 2 (--threads)" in res.output  # given, not timed
     assert seen[0] == 2
     assert torch.get_num_threads() == 1  # restored after the run (the fixture set 1)
     res = CliRunner().invoke(main, ["distill", "--config", config_file(), "--run-dir", str(tmp_path / "r"),
@@ -28,6 +30,7 @@ def test_distill_threads_option(tmp_path, config_file, monkeypatch):
 
 
 def test_distill_picks_threads_on_the_cpu(tmp_path, config_file, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     calls = []
 
     def fake_pick(config):
@@ -53,3 +56,80 @@ def test_pick_threads_for_config_times_the_student(tiny_config):
     with pytest.raises(FileNotFoundError, match="teacher.path"):
         pick_threads_for_config(resolve_config(tiny_config(teacher={"kind": "edm", "path": "absent.safetensors"},
                                                            student={"init": "teacher"})))
+
+
+def _fake_pick(monkeypatch, threads):
+    calls = []
+
+    def fake_pick(config):
+        calls.append(threads)
+        return threads, {1: 0.01, 2: 0.02}
+
+    monkeypatch.setattr("pid_fast.train.threads.pick_threads_for_config", fake_pick)
+    return calls
+
+
+def test_resume_keeps_the_runs_thread_count(tmp_path, config_file, monkeypatch):
+    """A resume whose timed pick would choose another count trains with the run's count; a
+    --threads that differs from it is honoured with one warning."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    run = str(tmp_path / "run")
+    calls = _fake_pick(monkeypatch, 2)
+    res = CliRunner().invoke(main, ["distill", "--config", config_file(total_steps=2), "--run-dir", run])
+    assert res.exit_code == 0, res.output
+    assert calls == [2] and "CPU threads: 2 (timed" in res.output
+    assert recorded_threads(run) == 2
+    assert read_checkpoint(list_checkpoints(run)[0][1])["machine"] == {
+        "device": "cpu", "precision": "fp32", "teacher_precision": None, "channels_last": False, "cpu_threads": 2,
+        "world_size": 1, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+    calls = _fake_pick(monkeypatch, 1)  # the machine got busy: the timed pick would now say 1
+    res = CliRunner().invoke(main, ["distill", "--config", config_file(total_steps=4), "--run-dir", run, "--resume"])
+    assert res.exit_code == 0, res.output
+    assert calls == [] and "CPU threads: 2 (the count of the resumed run" in res.output
+    assert recorded_threads(run) == 2 and list_checkpoints(run)[0][0] == 4
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the resumed run's count wins over the variable too
+    with pytest.warns(UserWarning, match="not the bitwise continuation") as caught:
+        res = CliRunner().invoke(main, ["distill", "--config", config_file(total_steps=6), "--run-dir", run,
+                                        "--resume", "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    assert "CPU threads: 1 (--threads; the resumed run used 2" in res.output
+    assert len([w for w in caught if "bitwise" in str(w.message)]) == 1
+    assert recorded_threads(run) == 1  # from here on the run continues with 1
+
+
+def test_omp_num_threads_pins_the_count(tmp_path, config_file, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    calls = _fake_pick(monkeypatch, 2)
+    res = CliRunner().invoke(main, ["distill", "--config", config_file(total_steps=1), "--run-dir",
+                                    str(tmp_path / "run")])
+    assert res.exit_code == 0, res.output
+    assert calls == [] and "CPU threads: 1 (OMP_NUM_THREADS=1)" in res.output
+
+
+def test_choose_threads_order():
+    def pick():
+        raise AssertionError("timed although something else decided")
+
+    assert choose_threads(3, None, {}, pick) == (3, "--threads")
+    assert choose_threads(3, 3, {}, pick) == (3, "--threads")
+    assert choose_threads(3, 2, {"OMP_NUM_THREADS": "1"}, pick)[0] == 3
+    assert choose_threads(None, 2, {"OMP_NUM_THREADS": "1"}, pick)[0] == 2
+    assert choose_threads(None, None, {"OMP_NUM_THREADS": "1"}, pick) == (torch.get_num_threads(), "OMP_NUM_THREADS=1")
+    threads, why = choose_threads(None, None, {"OMP_NUM_THREADS": " "}, lambda: (2, {1: 0.5, 2: 0.25}))
+    assert threads == 2 and why.startswith("timed") and "2 threads 250 ms" in why
+
+
+def test_python_train_resume_uses_the_recorded_count(tmp_path, tiny_config):
+    """pid_fast.train.train(resume=True) without threads trains with the checkpoint's count and
+    leaves torch's own count as it was."""
+    from pid_fast.train import train
+
+    run = tmp_path / "run"
+    train(tiny_config(total_steps=2), run, threads=2)
+    assert torch.get_num_threads() == 1 and recorded_threads(run) == 2
+    train(tiny_config(total_steps=4), run, resume=True)
+    assert recorded_threads(run) == 2 and torch.get_num_threads() == 1
+    with pytest.raises(ValueError, match="threads"):
+        train(tiny_config(total_steps=4), run, threads=0)
