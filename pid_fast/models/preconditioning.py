@@ -109,11 +109,11 @@ def student_coefficients(t: Any, sigma_max: float = 80.0, sigma_data: float = 0.
 # ----------------------------------------------------------------------------------------
 # Preconditioning wrappers around a raw network F(x_in, c_noise, class_labels).
 
-class Preconditioning(nn.Module):
 # EDM's sigma range, PID's default for teachers without a trained range of their own
 PID_SIGMA_MIN, PID_SIGMA_MAX = 0.002, 80.0
 
 
+class Preconditioning(nn.Module):
     """Base class: D(x; sigma) = c_skip x + c_out F(c_in x, c_noise, labels).
 
     `model` is any module or callable F(x_in, c_noise, class_labels) (e.g. a SongUNet).
@@ -144,13 +144,13 @@ PID_SIGMA_MIN, PID_SIGMA_MAX = 0.002, 80.0
     def round_sigma(self, sigma: Any) -> torch.Tensor:
         return torch.as_tensor(sigma)
 
-    def model_dtype(self, device: torch.device, force_fp32: bool = False) -> torch.dtype:
     def pid_sigma_range(self) -> tuple[float, float]:
         """The sigma range PID trains on by default: EDM's 0.002 .. 80 within the range this
         teacher declares ([sigma_min, sigma_max]: unbounded for EDM's preconditioning, [0.02, 100]
         for VE, ...). Teachers trained on a discrete schedule override it with their trained range."""
         return max(PID_SIGMA_MIN, self.sigma_min), min(PID_SIGMA_MAX, self.sigma_max)
 
+    def model_dtype(self, device: torch.device, force_fp32: bool = False) -> torch.dtype:
         return torch.float16 if (self.use_fp16 and not force_fp32 and device.type == "cuda") else torch.float32
 
     def raw(self, x_in: torch.Tensor, c_noise: torch.Tensor, class_labels: torch.Tensor | None = None,
