@@ -6,6 +6,7 @@ pid_fast/cli/__init__.py).
     torchrun --nproc_per_node 8 -m pid_fast.cli distill --config configs/cifar10-uncond.json --run-dir runs/c10
     pid-fast distill --config configs/cifar10-uncond.json --run-dir runs/c10 --resume
     pid-fast sample runs/tiny samples.npz --num 1000 --weights ema-0.999
+    pid-fast sample --teacher ddpm-folder/ teacher.npz --sampler heun --steps 18   # teacher samples
     pid-fast export-diffusers runs/ddpm one-step/    # a diffusers student as a save_pretrained folder
 """
 
@@ -165,8 +166,7 @@ def _write_samples(x, labels, seeds, out: str) -> None:
 
 
 @click.command("sample")
-@click.argument("checkpoint", type=click.Path(exists=True))
-@click.argument("out", type=click.Path())
+@click.argument("paths", nargs=-1, required=True, metavar="[CHECKPOINT] OUT")
 @click.option("--num", type=int, default=64, show_default=True, help="Number of images.")
 @click.option("--seed-start", type=int, default=0, show_default=True,
               help="Image k uses seed seed_start + k (its latents and class label depend only on it).")
@@ -174,41 +174,91 @@ def _write_samples(x, labels, seeds, out: str) -> None:
 @click.option("--weights", default="auto", show_default=True,
               help="'auto' (the slowest EMA that has forgotten the initial weights, else 'model'), 'model', "
                    "'ema' (the slowest EMA) or 'ema-<rate>', e.g. ema-0.9999.")
-@click.option("--class-label", type=int, default=None, help="Fixed class for class-conditional students.")
+@click.option("--class-label", type=int, default=None, help="Fixed class for class-conditional models.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--vae", default=None, metavar="DIR", type=click.Path(exists=True, file_okay=False),
               help="A latent student (e.g. EDM2 img512): decode its samples with this local "
                    "diffusers AutoencoderKL folder (EDM2's latent scaling; pid_fast.eval.vae).")
-def sample(checkpoint, out, num, seed_start, batch, weights, class_label, device, vae) -> None:
-    """One-step samples from a training CHECKPOINT (a file or a run folder) into OUT: a
-    folder of PNGs, or an .npz with 'images' (uint8 NHWC), 'x' (float32 NCHW in [-1, 1],
-    unquantised), 'seeds' and 'labels'."""
+@click.option("--teacher", "teacher_source", default=None, metavar="CONFIG|FOLDER|FILE",
+              type=click.Path(exists=True),
+              help="Sample a teacher instead of a student (then only OUT is given): a trainer config (its "
+                   "'teacher'), a local diffusers folder or a teacher file (EDM .pkl, `pid-fast convert` output).")
+@click.option("--sampler", type=click.Choice(["heun", "euler"]), default=None,
+              help="--teacher: the ODE solver (default heun; diffusers' HeunDiscreteScheduler / "
+                   "EulerDiscreteScheduler on grid 'scheduler').")
+@click.option("--steps", type=click.IntRange(min=1), default=None,
+              help="--teacher: sampling steps (default 18; Heun makes 2 steps - 1 teacher calls).")
+@click.option("--grid", type=click.Choice(["scheduler", "karras"]), default=None,
+              help="--teacher: 'scheduler' (a diffusers teacher's own sigmas, timesteps and initial noise scale: "
+                   "the samples diffusers gives; its default) or 'karras' (EDM's grid; the default otherwise).")
+def sample(paths, num, seed_start, batch, weights, class_label, device, vae, teacher_source, sampler, steps,
+           grid) -> None:
+    """One-step samples from a training CHECKPOINT (a file or a run folder) into OUT, or with
+    --teacher the teacher's ODE samples from the same per-seed latents: a folder of PNGs, or an
+    .npz with 'images' (uint8 NHWC), 'x' (float32 NCHW in [-1, 1], unquantised), 'seeds' and 'labels'."""
     from pid_fast.cli.common import pick_device
-    from pid_fast.eval.checkpoints import load_scored_student
-    from pid_fast.train import generate
 
     if num < 1:
         raise click.BadParameter("must be >= 1", param_hint="--num")
     if batch < 1:
         raise click.BadParameter("must be >= 1", param_hint="--batch")
+    wanted = 1 if teacher_source is not None else 2
+    if len(paths) != wanted:
+        raise click.UsageError(f"expected {'OUT (with --teacher)' if wanted == 1 else 'CHECKPOINT OUT'}, got "
+                               f"{len(paths)} path(s): {' '.join(paths)}")
+    if teacher_source is None:
+        for option, value in (("--sampler", sampler), ("--steps", steps), ("--grid", grid)):
+            if value is not None:
+                raise click.UsageError(f"{option} applies to teacher samples only (with --teacher)")
+    elif vae is not None:
+        raise click.UsageError("--vae applies to student samples only (not with --teacher)")
+    out = paths[-1]
     device = pick_device(device)
     if not out.endswith(".npz"):
         require(None, "PIL")  # PNG files
     if vae is not None:
         require("diffusers", "diffusers")
+    seeds = list(range(seed_start, seed_start + num))
+    if teacher_source is not None:
+        _sample_teacher(teacher_source, out, seeds, batch, class_label, device, sampler or "heun", steps or 18, grid)
+        return
+    checkpoint = paths[0]
+    if not os.path.exists(checkpoint):
+        raise click.BadParameter(f"no such file or folder: {checkpoint!r}", param_hint="CHECKPOINT")
+    from pid_fast.eval.checkpoints import load_scored_student
+    from pid_fast.train import generate
+
     try:
         net, meta, used = load_scored_student(checkpoint, weights=weights, device=device)
         decode = None
         if vae is not None:  # a latent student: its samples go through the VAE
             from pid_fast.eval.vae import LatentDecoder
             decode = LatentDecoder.from_path(vae, device=device)
-        seeds = list(range(seed_start, seed_start + num))
         x, labels = generate(net, meta, seeds, batch=batch, device=device, class_label=class_label, decode=decode)
     except (*_FILE_ERRORS, RuntimeError, ImportError) as exc:  # a damaged .pt; a diffusers student without diffusers
         raise click.ClickException(str(exc)) from None
     _write_samples(x, labels, seeds, out)
     how = f"{used}, picked by the 'auto' rule" if weights == "auto" else used
     click.echo(f"{num} samples from {meta['path']} (step {meta['step']}, weights {how}) -> {out}")
+
+
+def _sample_teacher(source, out, seeds, batch, class_label, device, solver, steps, grid) -> None:
+    """`sample --teacher`: the teacher's ODE samples (pid_fast.train.teacher_samples)."""
+    from pid_fast.train.teacher_samples import default_grid, load_sampling_teacher, teacher_samples
+
+    if os.path.isdir(source):
+        require("diffusers", "diffusers")
+    try:
+        teacher, shape, label_dim = load_sampling_teacher(source, device)
+        grid = grid or default_grid(teacher)
+        x, labels = teacher_samples(teacher, shape, label_dim, seeds, solver=solver, num_steps=steps, grid=grid,
+                                    batch=batch, device=device, class_label=class_label)
+    except (*_FILE_ERRORS, RuntimeError, ImportError) as exc:
+        raise click.ClickException(str(exc)) from None
+    _write_samples(x, labels, seeds, out)
+    calls = 2 * steps - 1 if solver == "heun" else steps
+    click.echo(f"{len(seeds)} teacher samples from {source} ({solver}, {steps} steps = {calls} teacher calls, "
+               f"grid {grid}) -> {out}")
 
 
 @click.command("export-diffusers")
@@ -218,9 +268,10 @@ def sample(checkpoint, out, num, seed_start, batch, weights, class_label, device
               help="'auto' (as for `sample`), 'model', 'ema' (the slowest EMA) or 'ema-<rate>'.")
 @click.option("--overwrite", is_flag=True, help="Write into OUT even if it exists.")
 def export_diffusers(checkpoint, out, weights, overwrite) -> None:
-    """Export the diffusers student of a training CHECKPOINT (a file or a run folder) to OUT:
-    OUT/unet/ (save_pretrained; load it with diffusers' from_pretrained) and OUT/pid_one_step.json,
-    the constants of the one-step sample (pid_fast.io.diffusers_io explains the call)."""
+    """Export the diffusers student of a training CHECKPOINT (a file or a run folder) to OUT, a
+    one-step diffusers pipeline: DiffusionPipeline.from_pretrained(OUT, trust_remote_code=True)
+    loads it offline (OUT/model_index.json, OUT/pipeline_pid_one_step.py, OUT/unet/), and
+    OUT/pid_one_step.json holds the constants of the one-step sample (pid_fast.io.diffusers_io)."""
     from pid_fast.cli.common import check_out
     from pid_fast.eval.checkpoints import load_scored_student
     from pid_fast.io.diffusers_io import export_one_step
@@ -236,8 +287,9 @@ def export_diffusers(checkpoint, out, weights, overwrite) -> None:
         raise click.ClickException(f"{meta['path']}: its student is not a diffusers UNet (teacher kind 'diffusers' "
                                    f"trains one); nothing to export")
     settings = export_one_step(net, meta, out)
-    click.echo(f"student of {meta['path']} (step {meta['step']}, weights {used}) -> {out}/unet; one-step settings "
-               f"(timestep {settings['timestep']:.4g}) -> {out}/pid_one_step.json")
+    click.echo(f"student of {meta['path']} (step {meta['step']}, weights {used}) -> {out}: a one-step diffusers "
+               f"pipeline (DiffusionPipeline.from_pretrained({out!r}, trust_remote_code=True); timestep "
+               f"{settings['timestep']:.4g}, settings in pid_one_step.json)")
 
 
 def register(group: click.Group) -> None:

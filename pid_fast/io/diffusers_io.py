@@ -6,8 +6,15 @@ Teacher folders (``load_diffusers_teacher``):
 - a bare UNet folder PATH (config.json + weights) with PATH/scheduler_config.json, or with the
   scheduler given separately (a folder holding scheduler_config.json, or that file).
 
-Exported student (``export_one_step``): OUT/unet/ (``save_pretrained``) and OUT/pid_one_step.json
-with the constants of the one-step sample (see ``one_step_sample``)::
+Exported student (``export_one_step``): a folder diffusers loads as a one-step pipeline,
+OUT/model_index.json + OUT/pipeline_pid_one_step.py (the PIDOneStepPipeline class, torch and
+diffusers only; a copy of pid_fast/io/pipeline_pid_one_step.py) + OUT/unet/ (``save_pretrained``),
+and OUT/pid_one_step.json with the constants of the one-step sample (see ``one_step_sample``)::
+
+    pipe = DiffusionPipeline.from_pretrained("OUT", trust_remote_code=True)  # runs the folder's pipeline file
+    images = pipe(batch_size=16).images      # PIL; output_type="np" / "pt" / "latent" (x in [-1, 1])
+
+or by hand, with the UNet alone::
 
     unet = UNet2DModel.from_pretrained("OUT/unet")
     s = json.load(open("OUT/pid_one_step.json"))
@@ -21,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from typing import Any, Mapping, Optional
 
 import torch
@@ -35,6 +43,7 @@ __all__ = ["ONE_STEP_FILE", "find_diffusers_parts", "load_diffusers_scheduler", 
            "export_one_step", "load_one_step", "one_step_sample"]
 
 ONE_STEP_FILE = "pid_one_step.json"
+PIPELINE_FILE, PIPELINE_CLASS = "pipeline_pid_one_step.py", "PIDOneStepPipeline"
 SCHEDULER_FILE = "scheduler_config.json"
 
 
@@ -145,7 +154,24 @@ def export_one_step(net: DiffusersUNet, meta: Mapping[str, Any], out: str | os.P
     net.unet.save_pretrained(os.path.join(out, "unet"))
     with open(os.path.join(out, ONE_STEP_FILE), "w") as f:
         json.dump(settings, f, indent=2)
+    _write_pipeline(out, settings)
     return settings
+
+
+def _write_pipeline(out: str, settings: Mapping[str, Any]) -> None:
+    """OUT/model_index.json naming the one-step pipeline class of OUT/pipeline_pid_one_step.py (a
+    copy of pid_fast/io/pipeline_pid_one_step.py, torch and diffusers only) with the one-step
+    constants as its config, so that DiffusionPipeline.from_pretrained(OUT, trust_remote_code=True)
+    loads it offline."""
+    diffusers = import_diffusers("export_one_step")
+    shutil.copyfile(os.path.join(os.path.dirname(os.path.abspath(__file__)), PIPELINE_FILE),
+                    os.path.join(out, PIPELINE_FILE))
+    index = {"_class_name": [PIPELINE_FILE[:-3], PIPELINE_CLASS], "_diffusers_version": diffusers.__version__,
+             "unet": ["diffusers", settings["unet_class"]],
+             **{key: settings[key] for key in ("timestep", "input_scale", "noise_weight", "output_weight", "clamp",
+                                               "shape", "label_dim")}}
+    with open(os.path.join(out, "model_index.json"), "w") as f:
+        json.dump(index, f, indent=2)
 
 
 def load_one_step(folder: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
