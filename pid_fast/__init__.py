@@ -6,10 +6,12 @@ Entry points:
   pid_assemble(...)  the student's state x = a n + b F and the teacher's input c_in x
   build_info()       what was compiled (CPU, CUDA + archs) and whether Triton is usable
   PIDLoss            the drop-in loss module: loss = PIDLoss(teacher)(student_net, noise)
+  guided(...)        a guided teacher (classifier-free guidance, autoguidance) for all of the above
 """
 
 from pid_fast import _legacy
 from pid_fast.loss import PIDLoss, pid_distillation_loss
+from pid_fast.models.guidance import GuidedDenoiser, guided
 from pid_fast.ops import (
     BACKENDS,
     available_backends,
@@ -27,6 +29,8 @@ _legacy.install()  # old module paths (pid_fast.training, ...) keep working for 
 __all__ = [
     "BACKENDS",
     "PIDLoss",
+    "GuidedDenoiser",
+    "guided",
     "pid_distillation_loss",
     "available_backends",
     "build_info",

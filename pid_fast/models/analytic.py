@@ -43,7 +43,13 @@ class GaussianMixtureDenoiser(DirectDenoiser):
     Computations run in the input's dtype (use float64 for references).
     """
 
-    def __init__(self, means: Any, stds: Any = 0.1, weights: Any = None, *, label_dim: int = 0):
+    def __init__(self, means: Any, stds: Any = 0.1, weights: Any = None, *, label_dim: int = 0,
+                 classes: Any = None):
+        if classes is not None:
+            classes = torch.as_tensor(classes, dtype=torch.long).reshape(-1)
+            if classes.numel() == 0 or int(classes.min()) < 0:
+                raise ValueError(f"classes: one non-negative class index per component, got {classes.tolist()}")
+            label_dim = max(label_dim, int(classes.max()) + 1)
         super().__init__(label_dim=label_dim)
         means = torch.as_tensor(means, dtype=torch.float64)
         if means.ndim < 2 or means.shape[0] < 1:
@@ -63,6 +69,10 @@ class GaussianMixtureDenoiser(DirectDenoiser):
             raise ValueError(f"weights: expected {K} values (one per component), got {weights.numel()}")
         if not bool((weights >= 0).all()) or not float(weights.sum()) > 0 or not bool(torch.isfinite(weights).all()):
             raise ValueError(f"weights: must be non-negative, finite and not all zero, got {weights.tolist()}")
+        if classes is not None and classes.numel() != K:
+            raise ValueError(f"classes: expected {K} class indices (one per component), got {classes.numel()}")
+        # component k belongs to class classes[k]: the class-c denoiser is the mixture of its components
+        self.register_buffer("classes", classes)
         self.components = nn.ModuleList(GaussianDenoiser(means[k], float(stds[k])) for k in range(K))
         self.register_buffer("means", means.clone())
         self.register_buffer("stds", stds.clone())
@@ -82,12 +92,27 @@ class GaussianMixtureDenoiser(DirectDenoiser):
             raise TypeError(f"{who}: x must be a floating-point tensor, got dtype {x.dtype}")
         return x
 
-    def log_responsibilities(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    def log_weights(self, class_labels: Optional[torch.Tensor], batch: int, dtype: torch.dtype) -> torch.Tensor:
+        """log w_k per sample, [B, K]: the mixture weights, restricted to the components of each
+        sample's class when the mixture has classes and a label is given (one-hot rows, or class
+        indices). A zero row (EDM's label dropout) or no label: the whole mixture, unconditional."""
+        w = self.weights.to(dtype)[None].expand(batch, -1)
+        if self.classes is None or class_labels is None:
+            return w.log()
+        if not class_labels.is_floating_point():
+            class_labels = nn.functional.one_hot(class_labels.long().reshape(batch), self.label_dim)
+        onehot = class_labels.to(dtype).reshape(batch, self.label_dim)
+        member = onehot[:, self.classes]  # [B, K]: the weight of component k's class in the label
+        unconditional = onehot.abs().sum(1, keepdim=True) == 0
+        return torch.where(unconditional, w, w * member).log()
+
+    def log_responsibilities(self, x: torch.Tensor, sigma: torch.Tensor,
+                             class_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         """log r_k(x, sigma), shape [B, K] (log-sum-exp normalised: stable at sigma = 80)."""
         dt = x.dtype
         var = self.stds.to(dt).square()[None] + sigma.to(dt).reshape(-1, 1).square()  # [B, K]
         sq = (x.flatten(1)[:, None, :] - self.means.to(dt).flatten(1)[None]).square().sum(-1)  # [B, K]
-        logp = self.weights.to(dt).log()[None] - 0.5 * sq / var - 0.5 * self.dim * var.log()
+        logp = self.log_weights(class_labels, x.shape[0], dt) - 0.5 * sq / var - 0.5 * self.dim * var.log()
         return logp - logp.logsumexp(1, keepdim=True)
 
     def log_density(self, x: torch.Tensor, sigma: Any) -> torch.Tensor:
@@ -102,7 +127,7 @@ class GaussianMixtureDenoiser(DirectDenoiser):
 
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, class_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = self._check_x(x, type(self).__name__)
-        r = self.log_responsibilities(x, sigma).exp()  # [B, K]
+        r = self.log_responsibilities(x, sigma, class_labels).exp()  # [B, K]
         out = torch.zeros_like(x)
         for k, comp in enumerate(self.components):
             out = out + _per_sample(r[:, k], x.ndim) * comp.denoise(x, sigma)
@@ -110,12 +135,16 @@ class GaussianMixtureDenoiser(DirectDenoiser):
 
     @torch.no_grad()
     def ode_solution(self, x_start: torch.Tensor, sigma_start: Any, sigma_end: Any, *, tol: float = 1e-8,
-                     min_steps: int = 64, max_steps: int = 1 << 16) -> torch.Tensor:
+                     min_steps: int = 64, max_steps: int = 1 << 16, class_labels: Optional[torch.Tensor] = None,
+                     denoiser: Optional[Any] = None) -> torch.Tensor:
         """The PF-ODE solution x(sigma_end) from x(sigma_start) = x_start, in float64: RK4 in
         u = ln sigma with n, 2n, 4n, ... uniform steps until the error estimate of the finer
         solution, |x_2n - x_n| / 15 (fourth order), is at most ``tol`` in every entry. Raises
-        RuntimeError past ``max_steps``."""
+        RuntimeError past ``max_steps``. class_labels: the condition (a class-conditional
+        mixture). denoiser: another denoiser D(x, sigma, labels) built on this mixture, e.g. a
+        guided one (pid_fast.guided), whose ODE is solved instead."""
         x0 = self._check_x(x_start, "GaussianMixtureDenoiser.ode_solution").to(torch.float64)
+        denoise = self.denoise if denoiser is None else denoiser
         B = x0.shape[0]
         s0 = sigma_vector(sigma_start, B, device=x0.device, dtype=torch.float64, name="sigma_start")
         s1 = sigma_vector(sigma_end, B, device=x0.device, dtype=torch.float64, name="sigma_end")
@@ -127,7 +156,7 @@ class GaussianMixtureDenoiser(DirectDenoiser):
 
         def f(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
             # dx/du = sigma dx/dsigma = x - D(x; sigma), sigma = e^u
-            return x - self.denoise(x, u.exp())
+            return x - denoise(x, u.exp(), class_labels)
 
         def rk4(n: int) -> torch.Tensor:
             x, h = x0, (u1 - u0) / n
@@ -184,14 +213,15 @@ class MLPStudent(nn.Module):
     """A raw student F(x_in, c_noise, labels) for vector data [B, d]: an MLP on
     [x_in, sin/cos(2^j c_noise)] with SiLU. (Image-shaped inputs are flattened and restored.)"""
 
-    def __init__(self, dim: int, hidden: int = 128, depth: int = 3, num_freqs: int = 6):
+    def __init__(self, dim: int, hidden: int = 128, depth: int = 3, num_freqs: int = 6, label_dim: int = 0):
         super().__init__()
         for name, v in (("dim", dim), ("hidden", hidden), ("depth", depth), ("num_freqs", num_freqs)):
             check_int(v, name)
-        self.dim = dim
+        check_int(label_dim, "label_dim", 0)
+        self.dim, self.label_dim = dim, label_dim
         self.register_buffer("freqs", 2.0 ** torch.arange(num_freqs, dtype=torch.float32))
         layers: list[nn.Module] = []
-        width = dim + 2 * num_freqs
+        width = dim + 2 * num_freqs + label_dim  # class-conditional: the one-hot label is an input too
         for _ in range(depth):
             layers += [nn.Linear(width, hidden), nn.SiLU()]
             width = hidden
@@ -201,5 +231,12 @@ class MLPStudent(nn.Module):
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, class_labels: Optional[torch.Tensor] = None):
         shape = x.shape
         h = c_noise.to(x.dtype).reshape(-1, 1) * self.freqs.to(x.dtype)
-        out = self.net(torch.cat([x.reshape(shape[0], -1), h.sin(), h.cos()], dim=1))
+        parts = [x.reshape(shape[0], -1), h.sin(), h.cos()]
+        if self.label_dim:
+            if class_labels is None:
+                raise ValueError(f"class_labels: this student is conditional (label_dim {self.label_dim}); got None")
+            if not class_labels.is_floating_point():
+                class_labels = nn.functional.one_hot(class_labels.long(), self.label_dim)
+            parts.append(class_labels.to(x.dtype).reshape(shape[0], self.label_dim))
+        out = self.net(torch.cat(parts, dim=1))
         return out.reshape(shape)
