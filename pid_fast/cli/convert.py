@@ -22,7 +22,9 @@ def convert(source: str, destination: str, key: str, expect: str | None, overwri
     """Convert an EDM or EDM2 network-snapshot .pkl to a pid_fast safetensors file.
 
     The pickle is read by an allow-listing unpickler: the Python source embedded in the
-    file is never executed, and a file that references anything else is refused.
+    file is never executed. The converted network may reference nothing else; the snapshot's
+    other entries (loss_fn, augment_pipe, ...) are not converted: classes the reader does not
+    know become inert placeholders (nothing is run) and are listed as skipped.
     The output holds the raw network weights (no 'model.' / 'unet.' prefix, no map_augment, no
     EDM2 logvar head; EDM2's fp16 weights in fp32) and the architecture/preconditioning config
     (for EDM2 also its encoder: the latent scaling) as JSON metadata ('pid_fast.config').
@@ -57,6 +59,10 @@ def convert(source: str, destination: str, key: str, expect: str | None, overwri
     if encoder and encoder["kind"] == "stability-vae":
         click.echo(f"  latent teacher: decode samples with the VAE {encoder['vae_name']!r} (a local copy; "
                    f"latent scale {encoder['scale']}, bias {encoder['bias']})")
+    for entry in ckpt.skipped:  # the snapshot's other entries (e.g. a trainer's loss_fn): not converted
+        click.echo(f"  skipped {entry}")
+    if ckpt.loss_settings:
+        click.echo(f"  recorded the PID loss's grid for one-step sampling: {ckpt.loss_settings}")
     for accepted in ckpt.unknown_sources:
         click.echo(f"  accepted an unknown network source for {accepted['object']} ({accepted['class_name']}): "
                    f"sha256 {accepted['module_src_sha256']} (recorded in the output's metadata)")

@@ -25,9 +25,12 @@ _INPUT_ERRORS = (FileNotFoundError, ValueError, RuntimeError, pickle.UnpicklingE
 
 
 def _is_checkpoint(path: str) -> bool:
+    """A training checkpoint or run folder, or an EDM snapshot / converted file (one-step generators)."""
+    from pid_fast.eval.checkpoints import is_edm_generator_file
     from pid_fast.train import list_checkpoints
 
-    return (os.path.isfile(path) and path.endswith(".pt")) or (os.path.isdir(path) and bool(list_checkpoints(path)))
+    return ((os.path.isfile(path) and path.endswith(".pt")) or is_edm_generator_file(path)
+            or (os.path.isdir(path) and bool(list_checkpoints(path))))
 
 
 def _extractor(feature_kind: str, inception_path, feature_net, device: str):
@@ -156,7 +159,8 @@ def fid(source, ref, feature_kind, inception_path, feature_net, num, seed_start,
     """Frechet distance of SOURCE against reference statistics, computed with clean-fid.
 
     SOURCE is a folder of images, an .npz of images ('x' float NCHW in [-1, 1], or uint8
-    'images'/'arr_0'), or a `pid-fast distill` checkpoint / run folder, whose one-step samples
+    'images'/'arr_0'), or a `pid-fast distill` checkpoint / run folder or an EDM snapshot .pkl
+    trained with pid_fast's EDMPIDLoss (or its `pid-fast convert` .safetensors), whose one-step samples
     are generated and scored unquantised (the PID reference code's protocol: 50k samples,
     legacy_tensorflow Inception on float images). Nothing is downloaded: pass --inception.
     Without --ref, only --save-stats is done (e.g. to build reference statistics)."""

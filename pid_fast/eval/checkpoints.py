@@ -2,7 +2,8 @@
 
 - ``pick_weights``: the 'auto' EMA rule shared by the demo, `pid-fast sample` and `pid-fast fid`;
 - ``checkpoint_info`` / ``load_scored_student``: a checkpoint's step and EMA rates, and its
-  student with the weights the rule picks;
+  student with the weights the rule picks; an EDM snapshot .pkl trained with EDMPIDLoss, or its
+  `pid-fast convert` output, is a one-step generator too (``is_edm_generator_file``);
 - ``score_checkpoints``: every checkpoint of a run folder with the raw weights and every EMA
   (the reference's protocol), one row per (step, weights); ``fd_scorer`` scores images by
   FD (and KID) against a reference; ``write_scores``, ``plot_scores`` and ``best_score`` turn
@@ -24,7 +25,8 @@ from pid_fast.eval import metrics
 from pid_fast.eval.plots import plot_fd_over_training
 from pid_fast.train import CHECKPOINT_FORMAT, generate, list_checkpoints, load_student
 
-__all__ = ["pick_weights", "checkpoint_info", "newest_checkpoint", "load_scored_student", "weight_sets",
+__all__ = ["pick_weights", "checkpoint_info", "newest_checkpoint", "load_scored_student", "is_edm_generator_file",
+           "weight_sets",
            "fd_scorer", "score_checkpoints", "best_score", "write_scores", "plot_scores"]
 
 
@@ -76,11 +78,27 @@ def newest_checkpoint(source: str | os.PathLike) -> str:
     raise FileNotFoundError(f"checkpoint: no readable checkpoint-*.pt in folder {source!r}")
 
 
+def is_edm_generator_file(source: str | os.PathLike) -> bool:
+    """Whether ``source`` is an EDM snapshot (.pkl) or a `pid-fast convert` output (.safetensors)
+    rather than a pid_fast training checkpoint or run folder."""
+    source = os.fspath(source)
+    return os.path.isfile(source) and source.endswith((".pkl", ".safetensors"))
+
+
 def load_scored_student(source: str | os.PathLike, weights: str = "auto",
                         device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict, str]:
     """(student network, metadata, the weights used) from a checkpoint file or run folder.
     weights: 'auto' (``pick_weights``' rule with the checkpoint's EMA rates and step), 'model',
-    'ema' (the slowest EMA) or 'ema-<rate>'."""
+    'ema' (the slowest EMA) or 'ema-<rate>'. An EDM snapshot or its converted file holds one
+    network, its EMA ('auto' or 'ema'): pid_fast.integrations.edm.one_step_generator."""
+    if is_edm_generator_file(source):
+        from pid_fast.integrations.edm import one_step_generator
+
+        if weights not in ("auto", "ema"):
+            raise ValueError(f"weights: {os.fspath(source)} (an EDM snapshot or converted file) holds one network, "
+                             f"its EMA; pass 'auto' or 'ema', got {weights!r}")
+        net, meta = one_step_generator(source, device=device)
+        return net, meta, "ema"
     path = newest_checkpoint(source)
     if weights == "auto":
         info = checkpoint_info(path)

@@ -21,7 +21,11 @@ a dict {'ema': Precond, 'encoder': StandardRGBEncoder or StabilityVAEEncoder, 'l
 'dataset_kwargs'}, every object of EDM2's classes a persistent object.
 
 Anything else (os.system, builtins.eval, subprocess.Popen, ...) raises
-`UnsafeCheckpointError` before it can be called. Pickle's other way to run code, the BUILD
+`UnsafeCheckpointError` before it can be called; or, read with ``unknown="placeholder"`` (what
+the snapshot importer does, so that a snapshot whose `loss_fn` is some trainer's own class still
+converts), resolves to an `UnknownGlobal` placeholder: an inert object that only records the
+name and the arguments and state pickle hands it, never calling anything. The importer then
+refuses the network it converts if any placeholder sits inside it (`placeholders_in`). Pickle's other way to run code, the BUILD
 opcode, can only reach `__setstate__` of objects these callables return (stand-ins, numpy
 dtypes, tensors), none of which calls into the pickle's data. `module_state_dict` then
 rebuilds a state_dict by walking `_parameters`, `_buffers` (minus
@@ -47,8 +51,10 @@ from torch import nn
 from pid_fast.io.errors import CheckpointFormatError, UnsafeCheckpointError
 from pid_fast.io.pickle_values import NDArrayMarker, numpy_dtype, numpy_frombuffer, numpy_reconstruct, numpy_scalar
 
-__all__ = ["PersistentObject", "ModuleStub", "SafeUnpickler", "load_edm_pickle", "module_state_dict",
-           "convert_edm_state_dict"]
+__all__ = ["PersistentObject", "ModuleStub", "UnknownGlobal", "SafeUnpickler", "load_edm_pickle", "module_state_dict",
+           "convert_edm_state_dict", "placeholders_in", "UNKNOWN_GLOBALS"]
+
+UNKNOWN_GLOBALS = ("refuse", "placeholder")
 
 # ----------------------------------------------------------------------------------------
 # Inert stand-ins returned by the unpickler.
@@ -86,6 +92,72 @@ class ModuleStub:
 
     def __repr__(self) -> str:
         return f"ModuleStub({self.qualified_name})"
+
+
+class UnknownGlobal:
+    """Placeholder for a global that is not on the allow-list (lenient reading): whatever pickle
+    does with it (call it, NEWOBJ, BUILD, append, item assignment) is only recorded. A fresh
+    subclass per reference in the pickle names the global (``pickle_module``, ``pickle_name``)."""
+
+    pickle_module = ""
+    pickle_name = ""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "UnknownGlobal":
+        obj = object.__new__(cls)
+        obj.__dict__.update(args=args, kwargs=kwargs, state=None, items=[])
+        return obj
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        self.__dict__["state"] = state
+
+    def append(self, item: Any) -> None:
+        self.__dict__["items"].append(item)
+
+    def extend(self, items: Any) -> None:
+        self.__dict__["items"].extend(list(items) if isinstance(items, (list, tuple)) else [items])
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.__dict__["items"].append((key, value))
+
+    @classmethod
+    def qualified_name(cls) -> str:
+        return f"{cls.pickle_module}.{cls.pickle_name}"
+
+    def __repr__(self) -> str:
+        return f"UnknownGlobal({self.qualified_name()})"
+
+
+def _placeholder_class(module: str, name: str) -> type:
+    return type("UnknownGlobal", (UnknownGlobal,), {"pickle_module": module, "pickle_name": name})
+
+
+def placeholders_in(obj: Any, limit: int = 100000) -> list[str]:
+    """The qualified names of the UnknownGlobal placeholders (instances or classes) anywhere
+    inside ``obj`` (containers, persistent objects' and stand-ins' states), in order found."""
+    found: list[str] = []
+    seen: set[int] = set()
+    stack = [obj]
+    while stack and len(seen) < limit:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, type) and issubclass(node, UnknownGlobal):
+            found.append(node.qualified_name())
+        elif isinstance(node, UnknownGlobal):
+            found.append(type(node).qualified_name())
+            stack.extend([node.args, node.kwargs, node.state, node.items])
+        elif isinstance(node, (PersistentObject, ModuleStub)):
+            stack.append(node.state)
+        elif isinstance(node, Mapping):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, (list, tuple, set, frozenset)):
+            stack.extend(node)
+    return list(dict.fromkeys(found))
 
 
 class _EasyDictStub(dict):
@@ -261,7 +333,15 @@ _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 class SafeUnpickler(pickle.Unpickler):
-    """An Unpickler that resolves only allow-listed globals (see the module docstring)."""
+    """An Unpickler that resolves only allow-listed globals (see the module docstring); others
+    raise UnsafeCheckpointError, or become UnknownGlobal placeholders with
+    ``unknown="placeholder"``."""
+
+    def __init__(self, file: IO[bytes], *, unknown: str = "refuse"):
+        super().__init__(file)
+        if unknown not in UNKNOWN_GLOBALS:
+            raise ValueError(f"unknown must be one of {UNKNOWN_GLOBALS}, got {unknown!r}")
+        self.unknown = unknown
 
     def find_class(self, module: str, name: str) -> Any:
         allowed = _ALLOWED.get((module, name))
@@ -279,6 +359,8 @@ class SafeUnpickler(pickle.Unpickler):
             real = getattr(sys.modules.get(module), name, None)
             if isinstance(real, type) and issubclass(real, nn.Module):
                 return _module_stub_class(f"{module}.{name}")
+        if self.unknown == "placeholder":
+            return _placeholder_class(module, name)
         raise UnsafeCheckpointError(
             f"refusing to load {module}.{name}: it is not on the allow-list of this EDM checkpoint reader "
             f"(the file may be malicious, or not an EDM network snapshot); nothing was executed")
@@ -294,7 +376,7 @@ def _describe(source: Any) -> str:
     return os.fspath(source) if isinstance(source, (str, os.PathLike)) else "<stream>"
 
 
-def _unpickle(stream: IO[bytes], where: str) -> Any:
+def _unpickle(stream: IO[bytes], where: str, unknown: str = "refuse") -> Any:
     head = stream.read(4)
     if not head:
         raise CheckpointFormatError(f"{where}: the file is empty")
@@ -306,7 +388,7 @@ def _unpickle(stream: IO[bytes], where: str) -> Any:
                                     f"pickles); first bytes {head!r}")
     stream.seek(stream.tell() - len(head))
     try:
-        return SafeUnpickler(stream).load()
+        return SafeUnpickler(stream, unknown=unknown).load()
     except (UnsafeCheckpointError, CheckpointFormatError):
         raise
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError,
@@ -314,22 +396,25 @@ def _unpickle(stream: IO[bytes], where: str) -> Any:
         raise CheckpointFormatError(f"{where}: truncated or corrupt pickle ({type(exc).__name__}: {exc})") from None
 
 
-def load_edm_pickle(source: str | os.PathLike | bytes | IO[bytes]) -> Any:
+def load_edm_pickle(source: str | os.PathLike | bytes | IO[bytes], *, unknown: str = "refuse") -> Any:
     """Unpickle an EDM snapshot (a path, bytes, or a seekable binary stream) safely.
 
     Returns the top-level object (normally a dict with 'ema', 'loss_fn', ...), with every
     network replaced by a PersistentObject / ModuleStub tree holding plain tensors.
-    Raises UnsafeCheckpointError for anything off the allow-list, CheckpointFormatError
-    for files that are not complete pickles."""
+    Raises UnsafeCheckpointError for anything off the allow-list (``unknown="refuse"``) or
+    makes it an inert UnknownGlobal placeholder (``unknown="placeholder"``; see
+    ``placeholders_in``), CheckpointFormatError for files that are not complete pickles."""
+    if unknown not in UNKNOWN_GLOBALS:
+        raise ValueError(f"unknown must be one of {UNKNOWN_GLOBALS}, got {unknown!r}")
     if isinstance(source, (bytes, bytearray)):
-        return _unpickle(io.BytesIO(bytes(source)), "<bytes>")
+        return _unpickle(io.BytesIO(bytes(source)), "<bytes>", unknown)
     if isinstance(source, (str, os.PathLike)):
         if not os.path.isfile(source):
             raise FileNotFoundError(f"load_edm_pickle: no such file: {os.fspath(source)!r}")
         with open(source, "rb") as f:
-            return _unpickle(f, os.fspath(source))
+            return _unpickle(f, os.fspath(source), unknown)
     if hasattr(source, "read") and hasattr(source, "seek"):
-        return _unpickle(source, "<stream>")
+        return _unpickle(source, "<stream>", unknown)
     raise TypeError(f"load_edm_pickle: source must be a path, bytes or a binary stream, got {type(source).__name__}")
 
 

@@ -22,13 +22,22 @@ from torch import nn
 from pid_fast.io.edm_config import (_PRECOND_FIELDS, _PRECOND_NAMES, _json_float, _plain, check_expected_config,
                                     check_network_config, edm2_network_config_from_pickle,
                                     network_config_from_pickle)
-from pid_fast.io.edm_pickle import PersistentObject, convert_edm_state_dict, load_edm_pickle, module_state_dict
+from pid_fast.io.edm_pickle import (ModuleStub, PersistentObject, UnknownGlobal, convert_edm_state_dict, load_edm_pickle,
+                                    module_state_dict, placeholders_in)
 from pid_fast.io.pickle_values import ArrayStub
 from pid_fast.io.edm_sources import check_sources
-from pid_fast.io.errors import CheckpointFormatError, ConfigMismatchError
-from pid_fast.io.safetensors_io import UNKNOWN_SOURCE_METADATA_KEY, load_checkpoint, save_checkpoint
+from pid_fast.io.errors import CheckpointFormatError, ConfigMismatchError, UnsafeCheckpointError
+from pid_fast.io.safetensors_io import (UNKNOWN_SOURCE_METADATA_KEY, load_checkpoint, read_checkpoint_metadata,
+                                        save_checkpoint)
 
-__all__ = ["EDMCheckpoint", "read_edm_checkpoint", "convert", "load_teacher_with_config", "load_teacher"]
+__all__ = ["EDMCheckpoint", "read_edm_checkpoint", "convert", "load_teacher_with_config", "load_teacher",
+           "recorded_loss_settings", "LOSS_SETTINGS_METADATA_KEY"]
+
+# A converted snapshot of a student trained with pid_fast.integrations.edm.EDMPIDLoss records that
+# loss's grid here (JSON), for its one-step sampler.
+LOSS_SETTINGS_METADATA_KEY = "pid_fast.pid_loss"
+_PID_EDM_LOSS = ("pid_fast.integrations.edm", "EDMPIDLoss")
+_LOSS_SETTINGS = ("N", "sigma_min", "sigma_max", "rho", "sigma_data")
 
 
 class EDMCheckpoint(NamedTuple):
@@ -41,6 +50,63 @@ class EDMCheckpoint(NamedTuple):
     config: dict[str, Any]
     dropped_keys: tuple[str, ...]
     unknown_sources: tuple[dict[str, str], ...] = ()
+    skipped: tuple[str, ...] = ()  # the snapshot's other entries, described ('loss_fn: ...')
+    loss_settings: dict[str, Any] | None = None  # a pid_fast EDMPIDLoss's recorded grid (N, sigma_min, ...)
+
+
+def _refuse_placeholders(obj: Any, where: str) -> None:
+    # The converted network must hold only allow-listed objects: a placeholder there means the
+    # file is malicious or not an EDM network (nothing was executed either way).
+    found = placeholders_in(obj)
+    if found:
+        more = f" (and {len(found) - 1} other unknown global(s))" if len(found) > 1 else ""
+        raise UnsafeCheckpointError(
+            f"refusing to load {found[0]}: it is not on the allow-list of this EDM checkpoint reader (in {where}{more}; "
+            f"the file may be malicious, or not an EDM network snapshot); nothing was executed")
+
+
+def _describe_entry(value: Any) -> str:
+    if isinstance(value, PersistentObject):
+        return f"{value.class_name} (an EDM persistent object)"
+    if isinstance(value, UnknownGlobal):
+        return f"{type(value).qualified_name()} (a class pid_fast does not know: kept as an inert placeholder)"
+    if isinstance(value, type) and issubclass(value, UnknownGlobal):
+        return f"{value.qualified_name()} (unknown global, not loaded)"
+    if isinstance(value, ModuleStub):
+        return value.qualified_name
+    return f"a {type(value).__name__}"
+
+
+def _skipped_entries(top: Any, key: str) -> tuple[str, ...]:
+    if not isinstance(top, dict):
+        return ()
+    return tuple(f"{name}: {_describe_entry(value)}" for name, value in top.items() if name != key and value is not None)
+
+
+def _loss_settings_of(top: Any) -> dict[str, Any] | None:
+    """The grid recorded by a pid_fast EDMPIDLoss in the snapshot's 'loss_fn' (plain numbers only)."""
+    loss = top.get("loss_fn") if isinstance(top, dict) else None
+    if not isinstance(loss, UnknownGlobal) or (type(loss).pickle_module, type(loss).pickle_name) != _PID_EDM_LOSS:
+        return None
+    state = loss.state if isinstance(loss.state, dict) else {}
+    settings = {k: state[k] for k in _LOSS_SETTINGS
+                if isinstance(state.get(k), (int, float)) and not isinstance(state.get(k), bool)
+                and math.isfinite(state[k])}
+    return settings or None
+
+
+def recorded_loss_settings(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The grid of the EDMPIDLoss that trained the network in ``path``: an EDM snapshot's
+    'loss_fn', or the metadata `pid-fast convert` copied it to; None when none is recorded."""
+    path = os.fspath(path)
+    if _is_pickle(path):
+        return _loss_settings_of(load_edm_pickle(path, unknown="placeholder"))
+    text = read_checkpoint_metadata(path).get(LOSS_SETTINGS_METADATA_KEY)
+    try:
+        settings = json.loads(text) if text else None
+    except json.JSONDecodeError:
+        raise CheckpointFormatError(f"{path}: its {LOSS_SETTINGS_METADATA_KEY!r} metadata is not JSON") from None
+    return settings if isinstance(settings, dict) else None
 
 
 def _select_network(top: Any, key: str) -> PersistentObject:
@@ -49,6 +115,7 @@ def _select_network(top: Any, key: str) -> PersistentObject:
         if key not in top:
             raise CheckpointFormatError(f"the pickle has no {key!r} entry (entries: {sorted(map(str, top))})")
         net = top[key]
+    _refuse_placeholders(net, repr(key))
     if not isinstance(net, PersistentObject):
         raise CheckpointFormatError(f"entry {key!r} is a {type(net).__name__}, not an EDM persistent network")
     if net.class_name not in _PRECOND_NAMES and net.class_name != _EDM2_PRECOND:
@@ -84,14 +151,19 @@ def read_edm_checkpoint(source: str | os.PathLike | bytes | IO[bytes], key: str 
     `expect` (a NETWORK_CONFIGS name or a network config) is checked against the weights
     and raises ConfigMismatchError naming the differing fields. A network whose embedded
     source is not a released EDM version raises UnknownSourceError unless
-    `allow_unknown_source` (see pid_fast.io.edm_sources)."""
-    top = load_edm_pickle(source)
+    `allow_unknown_source` (see pid_fast.io.edm_sources).
+
+    The snapshot's other entries are not converted: classes the reader does not know (e.g. a
+    trainer's own `loss_fn`) become inert placeholders, nothing of them is run, and they are
+    named in `skipped`. Any unknown global inside the converted network is refused."""
+    top = load_edm_pickle(source, unknown="placeholder")
     net = _select_network(top, key)
+    extras = dict(skipped=_skipped_entries(top, key), loss_settings=_loss_settings_of(top))
     if net.class_name == _EDM2_PRECOND:
         ckpt = _read_edm2(net, key, allow_unknown_source, top.get("encoder") if isinstance(top, dict) else None)
         if expect is not None:
             check_expected_config(expect, ckpt.config["network"])
-        return ckpt
+        return ckpt._replace(**extras)
     accepted = check_sources(net, key, allow_unknown_source)
     full = module_state_dict(net)
     dropped = tuple(k for k in full if "map_augment" in k)
@@ -104,7 +176,7 @@ def read_edm_checkpoint(source: str | os.PathLike | bytes | IO[bytes], key: str 
     config = _teacher_config(net, network)
     if expect is not None:
         check_expected_config(expect, network)
-    return EDMCheckpoint(state_dict, config, dropped, tuple(accepted))
+    return EDMCheckpoint(state_dict, config, dropped, tuple(accepted), **extras)
 
 
 def _read_edm2(net: PersistentObject, key: str, allow_unknown_source: bool, encoder: Any) -> EDMCheckpoint:
@@ -125,6 +197,7 @@ def _read_edm2(net: PersistentObject, key: str, allow_unknown_source: bool, enco
     network = edm2_network_config_from_pickle(unet, state_dict)
     check_network_config(network, state_dict)
     config = _teacher_config(net, network)
+    _refuse_placeholders(encoder, "'encoder'")  # converted too: its latent scaling
     described = _encoder_config(encoder)
     if described is not None:
         config["encoder"] = described
@@ -165,8 +238,10 @@ def convert(source: str | os.PathLike, destination: str | os.PathLike, key: str 
     """EDM .pkl -> pid_fast safetensors (what `pid-fast convert` runs). An accepted unknown
     network source is recorded under the file's 'pid_fast.unknown_source_accepted' metadata."""
     ckpt = read_edm_checkpoint(source, key=key, expect=expect, allow_unknown_source=allow_unknown_source)
-    extra = {UNKNOWN_SOURCE_METADATA_KEY: json.dumps(list(ckpt.unknown_sources))} if ckpt.unknown_sources else None
-    save_checkpoint(destination, ckpt.state_dict, ckpt.config, extra_metadata=extra)
+    extra = {UNKNOWN_SOURCE_METADATA_KEY: json.dumps(list(ckpt.unknown_sources))} if ckpt.unknown_sources else {}
+    if ckpt.loss_settings:
+        extra[LOSS_SETTINGS_METADATA_KEY] = json.dumps(ckpt.loss_settings)
+    save_checkpoint(destination, ckpt.state_dict, ckpt.config, extra_metadata=extra or None)
     return ckpt
 
 

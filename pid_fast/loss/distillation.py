@@ -16,6 +16,11 @@ One call, for a batch of B noises n = T z (T = sigma_max), follows the spec step
 5. the fused residual + norm (pid_fast.pid_loss), or pred/target (pid_fast.pid_residual) and
    LPIPS; per-sample losses (B,) float32, optionally weighted by w(t).
 
+The student is taken as the user's trainer holds it (student.py): the raw network F, or a
+preconditioned network (pid_fast's or NVlabs/edm's EDMPrecond, ...) called at sigma = t with F
+recovered from its output, bare or inside DDP / FSDP / torch.compile / accelerate, always called
+through the wrapper so that gradient synchronisation happens.
+
 No host syncs: the grid indices are drawn on the noise's device and the times
 are computed from them elementwise.
 """
@@ -30,12 +35,15 @@ from torch import nn
 
 from pid_fast.checks import LOSS_NORMS, check_choice, check_grid, check_norm
 from pid_fast.loss.derivative import DERIVATIVES, check_derivative, student_outputs
+from pid_fast.loss.student import (STUDENT_PARAMETRIZATIONS, check_deterministic, check_first_output,
+                                   resolve_student)
 from pid_fast.ops import pid_assemble, pid_loss, pid_residual
-from pid_fast.models.preconditioning import DirectDenoiser, Preconditioning, as_denoiser, edm_coefficients
+from pid_fast.models.preconditioning import (DirectDenoiser, Preconditioning, as_denoiser, declared_sigma_data,
+                                             edm_coefficients)
 from pid_fast.sampling import pid_neighbour_index
 
-__all__ = ["PIDLoss", "pid_distillation_loss", "grid_times", "default_noise_labels", "NORMS", "TEACHER_PRECISIONS",
-           "DERIVATIVES"]
+__all__ = ["PIDLoss", "pid_distillation_loss", "grid_times", "default_noise_labels", "TeacherNoiseLabels", "NORMS",
+           "TEACHER_PRECISIONS", "DERIVATIVES", "STUDENT_PARAMETRIZATIONS"]
 
 NORMS = LOSS_NORMS
 TEACHER_PRECISIONS = (None, "fp32", "bf16")
@@ -63,12 +71,38 @@ def _edm_noise_labels(t: torch.Tensor) -> torch.Tensor:
     return edm_coefficients(t).c_noise
 
 
+class TeacherNoiseLabels:
+    """t -> the teacher's c_noise(t). A class, not a closure, so that a PIDLoss pickles (EDM's
+    training loop pickles its loss into every snapshot)."""
+
+    def __init__(self, teacher: Preconditioning):
+        self.teacher = teacher
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        return self.teacher.coefficients(t).c_noise
+
+
 def default_noise_labels(teacher: Preconditioning) -> Callable[[torch.Tensor], torch.Tensor]:
     """The student's c_noise(t): the teacher's rule when the teacher is a preconditioned
     network (the student starts as a copy of it), EDM's ln(t)/4 for a direct denoiser."""
     if isinstance(teacher, DirectDenoiser):
         return _edm_noise_labels
-    return lambda t: teacher.coefficients(t).c_noise
+    return TeacherNoiseLabels(teacher)
+
+
+def resolve_sigma_data(sigma_data: Optional[float], teacher: Any) -> float:
+    """The loss's sigma_data: the given value, else the one the teacher declares, else 0.5. A
+    given value that differs from the teacher's declared one is an error."""
+    declared = declared_sigma_data(teacher)
+    if sigma_data is None:
+        return declared if declared is not None else 0.5
+    if isinstance(sigma_data, bool) or not isinstance(sigma_data, (int, float)) or not sigma_data > 0:
+        raise ValueError(f"sigma_data must be a positive number, got {sigma_data!r}")
+    if declared is not None and abs(declared - sigma_data) > 1e-9 * max(1.0, abs(sigma_data)):
+        raise ValueError(f"sigma_data={sigma_data} but the teacher {type(teacher).__name__} has sigma_data={declared}: "
+                         f"the student's parametrisation and the one-step sampler must use the teacher's data scale; "
+                         f"leave sigma_data unset (the teacher's is used) or make the two agree")
+    return float(sigma_data)
 
 
 def _check_teacher_precision(teacher_precision) -> None:
@@ -91,10 +125,7 @@ def _teacher_input(noise, f_t, a, c_in, dtype, backend):
     return c_in.reshape(view).to(dtype) * x
 
 
-def _check_inputs(student, noise, labels, indices) -> None:
-    if not callable(student):
-        raise TypeError(f"student must be callable F(x_in, c_noise, labels) (the raw network), "
-                        f"got {type(student).__name__}")
+def _check_inputs(noise, labels, indices) -> None:
     if not isinstance(noise, torch.Tensor):
         raise TypeError(f"noise must be a torch.Tensor, got {type(noise).__name__}")
     if not noise.is_floating_point():
@@ -125,12 +156,23 @@ def pid_distillation_loss(student: Callable[..., torch.Tensor], teacher: Any, no
                           indices: Optional[torch.Tensor] = None,
                           generator: Optional[torch.Generator] = None,
                           teacher_precision: Optional[str] = None,
-                          derivative: str = "fd", return_times: bool = False):
+                          derivative: str = "fd", return_times: bool = False,
+                          student_parametrization: Optional[str] = None,
+                          allow_stochastic_student: bool = False, check_student_output: bool = False):
     """The PID loss of each sample, float32 (B,) (float64 for float64 noise), differentiable
     w.r.t. the student's weights.
 
-    student: the raw network F(x_in, c_noise, labels) (not preconditioned; the boundary
-        parametrization x = (t/T) n + (1 - t/T) F is applied here).
+    student: the student as the trainer holds it: the raw network F(x_in, c_noise, labels) or a
+        preconditioned network D(x, sigma, labels) (pid_fast's Preconditioning, NVlabs/edm's
+        EDMPrecond, ...), bare or wrapped in DDP / FSDP / torch.compile / accelerate; it is
+        called through the wrapper. ``student_parametrization`` (None: read from the object;
+        "raw", "preconditioned" or "edm") says which it is (pid_fast.loss.student). The boundary
+        parametrization x = (t/T) n + (1 - t/T) F is applied here.
+    allow_stochastic_student: accept dropout / batch statistics in train mode (an error
+        otherwise: the two evaluations would get different masks).
+    check_student_output: raise a ValueError naming the likely cause (raw vs preconditioned)
+        when the student's outputs are not finite (one host sync; PIDLoss does it on its first
+        call).
     teacher: a ``Preconditioning`` (e.g. EDMPrecond, or from ``as_denoiser``) or any callable
         D(x, sigma, labels). It is run without gradient, and with autocast off unless
         ``teacher_precision="bf16"``.
@@ -148,21 +190,30 @@ def pid_distillation_loss(student: Callable[..., torch.Tensor], teacher: Any, no
         that vanishes as N grows; see pid_fast.loss.derivative).
     return_times: also return (t, t2).
     """
+    sigma_data = resolve_sigma_data(sigma_data, teacher)
     if not isinstance(teacher, Preconditioning):
         teacher = as_denoiser(teacher)
     _check_grid(num_points, sigma_min, sigma_max, rho)
     _check_norm(norm, huber_c, lpips)
-    _check_inputs(student, noise, labels, indices)
+    _check_inputs(noise, labels, indices)
     _check_teacher_precision(teacher_precision)
     check_derivative(derivative)
-    if sigma_data is None:
-        sigma_data = float(getattr(teacher, "sigma_data", 0.5))
-    noise_labels = noise_labels or default_noise_labels(teacher)
+    network, student_labels, how = resolve_student(student, student_parametrization, sigma_data=sigma_data,
+                                                   derivative=derivative)
+    if student_labels is not None and noise_labels is not None:
+        raise ValueError("noise_labels: a preconditioned student computes its own noise labels from sigma = t; "
+                         "leave noise_labels unset (or pass the raw network with student_parametrization='raw')")
+    eager = not torch.compiler.is_compiling()  # the checks read modules and sync: outside compiled graphs
+    if eager:
+        check_deterministic(student, allow_stochastic_student)
+    noise_labels = student_labels or noise_labels or default_noise_labels(teacher)
 
     t, t2 = _draw_times(noise, num_points, sigma_min, sigma_max, rho, indices, generator)
-    f_t, f_t2 = student_outputs(student, noise, labels, t, t2, noise_labels,
+    f_t, f_t2 = student_outputs(network, noise, labels, t, t2, noise_labels,
                                 1.0 / math.sqrt(sigma_data ** 2 + sigma_max ** 2),
                                 derivative=derivative, batched=batched)
+    if check_student_output and eager:
+        check_first_output(f_t, f_t2, how)
     coef = teacher.coefficients(t)
     teacher_out = _teacher_output(teacher, noise, f_t, t / sigma_max, coef, labels,
                                   teacher_precision, backend)
@@ -229,6 +280,11 @@ class PIDLoss(nn.Module):
     or "bf16" (the teacher under bf16 autocast; see ``pid_distillation_loss``). derivative: "fd"
     (two student evaluations, the spec) or "jvp" (one evaluation and its forward-mode derivative
     in the noise label; see ``pid_distillation_loss``).
+    student_parametrization: None (read from the student object), "raw", "preconditioned" or
+    "edm"; allow_stochastic_student: accept train-mode dropout (see ``pid_distillation_loss``).
+    The student may be preconditioned and wrapped (DDP, FSDP, torch.compile, accelerate): it is
+    called through the wrapper. The first call checks that the student's outputs are finite.
+    The module pickles (EDM's training loop pickles its loss into snapshots).
 
     The call returns the mean loss over the batch; the per-sample values of the last call are
     kept (detached) in ``last_per_sample`` and their times in ``last_t``, ``last_t2``.
@@ -240,7 +296,8 @@ class PIDLoss(nn.Module):
                  weighting: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
                  sigma_data: Optional[float] = None,
                  noise_labels: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-                 teacher_precision: Optional[str] = None, derivative: str = "fd"):
+                 teacher_precision: Optional[str] = None, derivative: str = "fd",
+                 student_parametrization: Optional[str] = None, allow_stochastic_student: bool = False):
         super().__init__()
         _check_grid(N, sigma_min, sigma_max, rho)
         _check_norm(norm, huber_c, lpips)
@@ -250,6 +307,10 @@ class PIDLoss(nn.Module):
             raise TypeError(f"batched must be a bool, got {type(batched).__name__}")
         if weighting is not None and not callable(weighting):
             raise TypeError(f"weighting must be a callable w(t) -> (B,) or None, got {type(weighting).__name__}")
+        check_choice(student_parametrization, "student_parametrization", STUDENT_PARAMETRIZATIONS)
+        if not isinstance(allow_stochastic_student, bool):
+            raise TypeError(f"allow_stochastic_student must be a bool, got {type(allow_stochastic_student).__name__}")
+        sigma_data = resolve_sigma_data(sigma_data, teacher)
         if not isinstance(teacher, Preconditioning):
             teacher = as_denoiser(teacher)
         self.teacher = teacher.eval().requires_grad_(False)
@@ -259,8 +320,13 @@ class PIDLoss(nn.Module):
         self.weighting = weighting
         self.teacher_precision = teacher_precision
         self.derivative = derivative
-        self.sigma_data = float(sigma_data if sigma_data is not None else getattr(teacher, "sigma_data", 0.5))
+        self.sigma_data = sigma_data
+        # the student's c_noise(t) for a raw student (a preconditioned one computes its own)
         self.noise_labels = noise_labels or default_noise_labels(teacher)
+        self._noise_labels_given = noise_labels is not None
+        self.student_parametrization = student_parametrization
+        self.allow_stochastic_student = allow_stochastic_student
+        self._student_checked = False
         self.last_per_sample: Optional[torch.Tensor] = None
         self.last_t: Optional[torch.Tensor] = None
         self.last_t2: Optional[torch.Tensor] = None
@@ -272,12 +338,18 @@ class PIDLoss(nn.Module):
 
     def per_sample(self, student, noise, labels=None, *, indices=None, generator=None) -> torch.Tensor:
         """The per-sample losses (B,) float32 (also stored in ``last_per_sample``)."""
+        check = not torch.compiler.is_compiling() and not self._student_checked
         per, t, t2 = pid_distillation_loss(
             student, self.teacher, noise, labels, num_points=self.N, sigma_min=self.sigma_min,
             sigma_max=self.sigma_max, rho=self.rho, sigma_data=self.sigma_data, norm=self.norm,
             huber_c=self.huber_c, lpips=self.lpips, weighting=self.weighting, backend=self.backend,
-            batched=self.batched, noise_labels=self.noise_labels, indices=indices, generator=generator,
-            teacher_precision=self.teacher_precision, derivative=self.derivative, return_times=True)
+            batched=self.batched, noise_labels=self.noise_labels if self._noise_labels_given else None,
+            indices=indices, generator=generator,
+            teacher_precision=self.teacher_precision, derivative=self.derivative, return_times=True,
+            student_parametrization=self.student_parametrization,
+            allow_stochastic_student=self.allow_stochastic_student, check_student_output=check)
+        if check:
+            self._student_checked = True
         self.last_per_sample, self.last_t, self.last_t2 = per.detach(), t, t2
         return per
 

@@ -22,7 +22,8 @@ from torch import nn
 __all__ = [
     "Coefficients", "StudentCoefficients", "Denoiser", "Preconditioning", "EDMPrecond", "VPPrecond",
     "VEPrecond", "DirectDenoiser", "FunctionDenoiser", "GaussianDenoiser", "PRECONDITIONINGS", "as_denoiser",
-    "build_denoiser", "sigma_vector", "edm_coefficients", "student_coefficients",
+    "build_denoiser", "sigma_vector", "edm_coefficients", "student_coefficients", "edm_preconditioning",
+    "declared_sigma_data",
 ]
 
 
@@ -355,10 +356,52 @@ class GaussianDenoiser(DirectDenoiser):
         return (self.mean + self.std * eps).to(dtype)
 
 
+# NVlabs/edm's preconditioning classes (and edm2's Precond, EDM's preconditioning of an EDM2
+# UNet) by class name: pid_fast's class and the hyper-parameters read from the object.
+_EDM_OBJECTS: dict[str, tuple[type[Preconditioning], str, tuple[str, ...]]] = {
+    "EDMPrecond": (EDMPrecond, "model", ("sigma_min", "sigma_max", "sigma_data")),
+    "VPPrecond": (VPPrecond, "model", ("beta_d", "beta_min", "M", "epsilon_t")),
+    "VEPrecond": (VEPrecond, "model", ("sigma_min", "sigma_max")),
+    "Precond": (EDMPrecond, "unet", ("sigma_data",)),  # edm2
+}
+
+
+def edm_preconditioning(obj: Any) -> Preconditioning | None:
+    """pid_fast's preconditioning of an object of NVlabs/edm's EDMPrecond, VPPrecond or VEPrecond
+    (or edm2's Precond), sharing the object's network and hyper-parameters (sigma_data, ...);
+    None for anything else (pid_fast's own classes included). Recognised by class name and
+    attributes, so the object's class need not be importable (a snapshot's persistent class)."""
+    if isinstance(obj, Preconditioning) or not isinstance(obj, nn.Module):
+        return None
+    entry = _EDM_OBJECTS.get(type(obj).__name__)
+    if entry is None:
+        return None
+    cls, network_attr, fields = entry
+    network = getattr(obj, network_attr, None)
+    if not isinstance(network, nn.Module) or any(not hasattr(obj, f) for f in fields):
+        return None
+    kwargs = {f: (int(getattr(obj, f)) if f == "M" else float(getattr(obj, f))) for f in fields}
+    return cls(network, label_dim=int(getattr(obj, "label_dim", 0)), use_fp16=bool(getattr(obj, "use_fp16", False)),
+               **kwargs)
+
+
+def declared_sigma_data(obj: Any) -> float | None:
+    """The sigma_data an object declares (an EDM/pid_fast preconditioning, or the function a
+    FunctionDenoiser adapts), None when it declares none."""
+    if isinstance(obj, FunctionDenoiser):
+        return declared_sigma_data(obj.fn)
+    value = getattr(obj, "sigma_data", None)
+    if isinstance(value, (int, float, torch.Tensor)) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
 def as_denoiser(obj: Any, *, precond: str | None = None, label_dim: int = 0, **precond_kwargs: Any) -> Preconditioning:
     """A Preconditioning from whatever the user has:
 
     - a Preconditioning: returned as is;
+    - an object of NVlabs/edm's preconditioning classes: pid_fast's equivalent around its network
+      (``edm_preconditioning``), so its sigma_data and noise-label rule are used;
     - a raw network F(x_in, c_noise, labels) with `precond` in {'edm', 'vp', 've'}: wrapped;
     - any other callable D(x, sigma, labels): adapted by FunctionDenoiser.
     """
@@ -369,7 +412,8 @@ def as_denoiser(obj: Any, *, precond: str | None = None, label_dim: int = 0, **p
     if not callable(obj):
         raise TypeError(f"as_denoiser: obj must be callable, got {type(obj).__name__}")
     if precond is None:
-        return FunctionDenoiser(obj, label_dim=label_dim, **precond_kwargs)
+        edm = edm_preconditioning(obj) if not precond_kwargs and not label_dim else None
+        return edm if edm is not None else FunctionDenoiser(obj, label_dim=label_dim, **precond_kwargs)
     if precond not in PRECONDITIONINGS:
         raise ValueError(f"as_denoiser: precond must be one of {sorted(PRECONDITIONINGS)}, got {precond!r}")
     return PRECONDITIONINGS[precond](obj, label_dim=label_dim, **precond_kwargs)
