@@ -133,8 +133,9 @@ def ode_sample(denoiser: Callable[..., torch.Tensor], latents: torch.Tensor,
     - grid="scheduler": a diffusers teacher's own grid (its `sampling_grid`, e.g.
       DiffusersDenoiser with its scheduler): the sigmas and UNet timesteps that diffusers'
       EulerDiscreteScheduler / HeunDiscreteScheduler loop uses after set_timesteps(num_steps)
-      (timestep_spacing, steps_offset, karras sigmas, ... from the teacher's scheduler config), and
-      the start latents * init_noise_sigma: the same samples as that loop from the same latents.
+      (timestep_spacing, steps_offset, karras sigmas, ... from the teacher's scheduler config), the
+      start latents * init_noise_sigma, and Heun's clip_sample clamp of the denoised sample when the
+      config sets it: the same samples as that loop from the same latents.
     - ``sigmas``: an explicit decreasing list of noise levels, first the start (latents * sigmas[0])
       and last the end point (0 for a finished sample), used as given (num_steps = len - 1).
 
@@ -151,8 +152,8 @@ def ode_sample(denoiser: Callable[..., torch.Tensor], latents: torch.Tensor,
         raise TypeError(f"ode_sample: denoiser must be callable D(x, sigma, labels), got {type(denoiser).__name__}")
     if not isinstance(latents, torch.Tensor) or latents.ndim < 1 or latents.shape[0] == 0:
         raise ValueError("ode_sample: latents must be a tensor with a non-empty batch dimension")
-    t_steps, timesteps, start_scale = _sampling_grid(denoiser, solver, num_steps, sigma_min, sigma_max, rho, sigmas,
-                                                     grid, latents.device)
+    t_steps, timesteps, start_scale, clip = _sampling_grid(denoiser, solver, num_steps, sigma_min, sigma_max, rho,
+                                                           sigmas, grid, latents.device)
     batch = latents.shape[0]
 
     def drift(x: torch.Tensor, i: int) -> torch.Tensor:
@@ -162,6 +163,8 @@ def ode_sample(denoiser: Callable[..., torch.Tensor], latents: torch.Tensor,
             denoised = denoiser(x, t.expand(batch), class_labels)
         else:
             denoised = denoiser(x, t.expand(batch), class_labels, timestep=timesteps[i].expand(batch))
+        if clip is not None:  # the scheduler's clip_sample
+            denoised = denoised.clamp(-clip, clip)
         return (x - denoised.to(dtype)) / t.to(dtype)
 
     x_next = latents.to(dtype) * start_scale
@@ -179,8 +182,9 @@ def ode_sample(denoiser: Callable[..., torch.Tensor], latents: torch.Tensor,
 
 
 def _sampling_grid(denoiser, solver: str, num_steps, sigma_min: float, sigma_max: float, rho: float, sigmas,
-                   grid: str, device) -> tuple[torch.Tensor, torch.Tensor | None, float]:
-    """(the grid's sigmas in float64, the time labels at them or None, the initial noise scale)."""
+                   grid: str, device) -> tuple[torch.Tensor, torch.Tensor | None, float, float | None]:
+    """(the grid's sigmas in float64, the time labels at them or None, the initial noise scale, the
+    range the denoised sample is clamped to or None)."""
     if sigmas is not None:
         if num_steps is not None or grid != "karras":
             raise ValueError(f"ode_sample: pass either sigmas or num_steps / grid, not both (got sigmas and "
@@ -191,7 +195,7 @@ def _sampling_grid(denoiser, solver: str, num_steps, sigma_min: float, sigma_max
                              f"{t_steps.tolist()}")
         if not bool((t_steps[1:] < t_steps[:-1]).all()):
             raise ValueError(f"ode_sample: sigmas must decrease strictly, got {t_steps.tolist()}")
-        return t_steps, None, float(t_steps[0])
+        return t_steps, None, float(t_steps[0]), None
     num_steps = 18 if num_steps is None else _check_count(num_steps, 1, "num_steps", "ode_sample")
     if grid == "scheduler":
         make_grid = getattr(denoiser, "sampling_grid", None)
@@ -201,12 +205,12 @@ def _sampling_grid(denoiser, solver: str, num_steps, sigma_min: float, sigma_max
                              f"{type(denoiser).__name__}")
         found = make_grid(num_steps, solver)
         return (found["sigmas"].to(device=device, dtype=torch.float64), found["timesteps"].to(device),
-                float(found["init_noise_sigma"]))
+                float(found["init_noise_sigma"]), found.get("clip_denoised"))
     sigma_min = max(sigma_min, float(getattr(denoiser, "sigma_min", 0.0)))
     sigma_max = min(sigma_max, float(getattr(denoiser, "sigma_max", math.inf)))
     t_steps = karras_sigmas(num_steps, sigma_min, sigma_max, rho, round_sigma=getattr(denoiser, "round_sigma", None),
                             dtype=torch.float64, device=device)
-    return t_steps, None, float(t_steps[0])
+    return t_steps, None, float(t_steps[0]), None
 
 
 def heun_sample(denoiser: Callable[..., torch.Tensor], latents: torch.Tensor,

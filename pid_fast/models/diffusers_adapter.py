@@ -47,6 +47,7 @@ takes a mapping of its keyword arguments (e.g. {"encoder_hidden_states": ..., "c
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, Mapping, Optional
 
@@ -472,7 +473,8 @@ def scheduler_grid(scheduler_config: Mapping[str, Any], num_steps: int, solver: 
     """The sampling grid of the diffusers loop of ``solver`` (``sampler_scheduler``): {'sigmas': the
     num_steps + 1 noise levels (float64, ending with the scheduler's final sigma), 'timesteps': the
     UNet's time label at each of the first num_steps, 'init_noise_sigma': the scale of the initial
-    noise, 'scheduler': its class name}. Heun's interleaved lists are read back as one point per step."""
+    noise, 'clip_denoised': the range the loop clamps the denoised sample to (clip_sample, which
+    HeunDiscreteScheduler honours) or None, 'scheduler': its class name}. Heun's interleaved lists are read back as one point per step."""
     scheduler = sampler_scheduler(scheduler_config, num_steps, solver)
     name = type(scheduler).__name__
     sigmas = torch.as_tensor(scheduler.sigmas, dtype=torch.float64).reshape(-1).cpu()
@@ -483,8 +485,12 @@ def scheduler_grid(scheduler_config: Mapping[str, Any], num_steps: int, solver: 
     if sigmas.numel() != num_steps + 1 or timesteps.numel() != num_steps:
         raise ValueError(f"scheduler: {name}.set_timesteps({num_steps}) gave {sigmas.numel()} sigmas and "
                          f"{timesteps.numel()} timesteps; expected {num_steps + 1} and {num_steps}")
+    # HeunDiscreteScheduler clamps its x0 prediction with clip_sample; EulerDiscreteScheduler has no
+    # such setting (from_config keeps the teacher's key in its config all the same)
+    takes_clip = "clip_sample" in inspect.signature(type(scheduler).__init__).parameters
+    clip = float(scheduler.config["clip_sample_range"]) if takes_clip and scheduler.config.get("clip_sample") else None
     return {"sigmas": sigmas, "timesteps": timesteps, "init_noise_sigma": float(scheduler.init_noise_sigma),
-            "scheduler": name}
+            "clip_denoised": clip, "scheduler": name}
 
 
 @torch.no_grad()

@@ -94,6 +94,21 @@ def test_scheduler_grid_follows_the_config_and_labels(options):
     assert rel_rmse(mine, reference) < TOLERANCE
 
 
+def test_heun_clamps_the_denoised_sample_as_the_schedulers_clip_sample_says():
+    """DDPMScheduler's default clip_sample=True carries over to HeunDiscreteScheduler, which clamps
+    its x0 prediction; grid='scheduler' does the same (EulerDiscreteScheduler has no clip_sample)."""
+    unet = tiny_unet()
+    config = diffusers.DDPMScheduler(prediction_type="v_prediction", clip_sample=True, clip_sample_range=0.5).config
+    teacher = DiffusersDenoiser.from_scheduler(unet, diffusers.DDPMScheduler.from_config(config))
+    z = latents()
+    reference = diffusers_samples(unet, diffusers.HeunDiscreteScheduler.from_config(config), z, 5)
+    unclipped = diffusers_samples(unet, diffusers.HeunDiscreteScheduler.from_config(config, clip_sample=False), z, 5)
+    with torch.no_grad():
+        mine = heun_sample(teacher, z, num_steps=5, grid="scheduler")
+    assert rel_rmse(mine, reference) < TOLERANCE and rel_rmse(unclipped, reference) > 100 * TOLERANCE
+    assert scheduler_grid(dict(config), 5, "euler")["clip_denoised"] is None
+
+
 def test_scheduler_grid_reads_heuns_interleaved_lists_back():
     config = diffusers.DDPMScheduler(timestep_spacing="trailing").config
     heun = diffusers.HeunDiscreteScheduler.from_config(config)
