@@ -22,33 +22,52 @@ from pid_fast.checks import check_int
 from pid_fast.eval.metrics import fd_from_features
 from pid_fast.loss import PIDLoss
 from pid_fast.models.analytic import GaussianMixtureDenoiser, MLPStudent, default_mixture
+from pid_fast.models.guidance import GuidedDenoiser
 from pid_fast.sampling import SIGMA_MAX, SIGMA_MIN, pid_grid, student_sample
 
-__all__ = ["distill", "endpoint_error", "pid_grid_euler", "sweep_n"]
+__all__ = ["distill", "endpoint_error", "pid_grid_euler", "sweep_n", "mixture_of", "random_labels"]
 
 
-def distill(teacher: GaussianMixtureDenoiser, N: int, *, steps: int = 1500, batch_size: int = 256,
+def mixture_of(teacher: Any) -> GaussianMixtureDenoiser:
+    """The Gaussian mixture a teacher is built on: the mixture itself, or the main denoiser of a
+    guided one (pid_fast.guided)."""
+    mixture = teacher.main if isinstance(teacher, GuidedDenoiser) else teacher
+    if not isinstance(mixture, GaussianMixtureDenoiser):
+        raise TypeError(f"teacher must be a GaussianMixtureDenoiser or a guided one, got {type(teacher).__name__}")
+    return mixture
+
+
+def random_labels(mixture: GaussianMixtureDenoiser, batch: int, generator: torch.Generator) -> Optional[torch.Tensor]:
+    """Uniform one-hot class labels for a class-conditional mixture (None for an unconditional one)."""
+    if not mixture.label_dim:
+        return None
+    classes = torch.randint(0, mixture.label_dim, (batch,), generator=generator)
+    return nn.functional.one_hot(classes, mixture.label_dim).float()
+
+
+def distill(teacher: Any, N: int, *, steps: int = 1500, batch_size: int = 256,
             lr: float = 3e-3, seed: int = 0, hidden: int = 128, depth: int = 3, norm: str = "l2",
             sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, backend: Optional[str] = None,
             derivative: str = "fd") -> MLPStudent:
-    """PID-distil ``teacher`` into a fresh ``MLPStudent`` with grid size N (``PIDLoss``, with the
+    """PID-distil ``teacher`` (a Gaussian mixture, class-conditional or not, or a guided teacher
+    built on one) into a fresh ``MLPStudent`` with grid size N (``PIDLoss``, with the
     finite difference or the jvp ``derivative``), Adam with a cosine learning-rate decay to 0 (so
     that the final weights are an optimum rather than a noisy iterate), float32, deterministic
-    for a seed on the CPU."""
-    if not isinstance(teacher, GaussianMixtureDenoiser):
-        raise TypeError(f"teacher must be a GaussianMixtureDenoiser, got {type(teacher).__name__}")
+    for a seed on the CPU. A class-conditional teacher gets uniform random class labels."""
+    mixture = mixture_of(teacher)
     check_int(steps, "steps")
     check_int(batch_size, "batch_size")
     torch.manual_seed(seed)
-    student = MLPStudent(teacher.dim, hidden=hidden, depth=depth)
+    student = MLPStudent(mixture.dim, hidden=hidden, depth=depth, label_dim=mixture.label_dim)
     loss_fn = PIDLoss(teacher, N=N, sigma_min=sigma_min, sigma_max=sigma_max, norm=norm, backend=backend,
                       derivative=derivative)
     opt = torch.optim.Adam(student.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     gen = torch.Generator().manual_seed(seed + 1)
     for _ in range(steps):
-        z = torch.randn((batch_size, *teacher.sample_shape), generator=gen)
-        loss = loss_fn(student, z * sigma_max, generator=gen)
+        z = torch.randn((batch_size, *mixture.sample_shape), generator=gen)
+        labels = random_labels(mixture, batch_size, gen)
+        loss = loss_fn(student, z * sigma_max, labels, generator=gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -57,17 +76,22 @@ def distill(teacher: GaussianMixtureDenoiser, N: int, *, steps: int = 1500, batc
 
 
 @torch.no_grad()
-def endpoint_error(student: nn.Module, teacher: GaussianMixtureDenoiser, z: torch.Tensor, *,
+def endpoint_error(student: nn.Module, teacher: Any, z: torch.Tensor, *,
                    sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX,
-                   exact: Optional[torch.Tensor] = None) -> dict[str, float]:
+                   exact: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None) -> dict[str, float]:
     """The one-step student x_theta(T z, sigma_min) against the exact PF-ODE solution
-    x(sigma_min) from x(T) = T z: RMS error per coordinate ('rmse'), mean per-sample L2 error
-    ('l2'), and the Frechet distance between the two point clouds ('fd', clean-fid's
-    ``frechet_distance`` on the coordinates). ``exact`` skips recomputing the ODE solution."""
-    z = teacher._check_x(z, "endpoint_error")
-    x = student_sample(student, z.float(), sigma_min=sigma_min, sigma_max=sigma_max, clamp=False).double()
+    x(sigma_min) from x(T) = T z (of the guided ODE for a guided teacher; ``labels``: the
+    condition of each sample for a class-conditional one): RMS error per coordinate ('rmse'),
+    mean per-sample L2 error ('l2'), and the Frechet distance between the two point clouds
+    ('fd', clean-fid's ``frechet_distance`` on the coordinates). ``exact`` skips recomputing
+    the ODE solution."""
+    mixture = mixture_of(teacher)
+    z = mixture._check_x(z, "endpoint_error")
+    x = student_sample(student, z.float(), None if labels is None else labels.float(), sigma_min=sigma_min,
+                       sigma_max=sigma_max, clamp=False).double()
     if exact is None:
-        exact = teacher.ode_solution(z.double() * sigma_max, sigma_max, sigma_min)
+        exact = mixture.ode_solution(z.double() * sigma_max, sigma_max, sigma_min, class_labels=labels,
+                                     denoiser=None if teacher is mixture else teacher)
     diff = (x - exact).flatten(1)
     return {"rmse": float(diff.square().mean().sqrt()), "l2": float(diff.norm(dim=1).mean()),
             "fd": fd_from_features(x.flatten(1), exact.flatten(1))}

@@ -40,6 +40,7 @@ from pid_fast.loss.student import (STUDENT_PARAMETRIZATIONS, check_deterministic
 from pid_fast.ops import pid_assemble, pid_loss, pid_residual
 from pid_fast.models.preconditioning import (DirectDenoiser, Preconditioning, as_denoiser, declared_sigma_data,
                                              edm_coefficients)
+from pid_fast.models.guidance import GuidedDenoiser
 from pid_fast.sampling import pid_neighbour_index
 
 __all__ = ["PIDLoss", "pid_distillation_loss", "grid_times", "default_noise_labels", "TeacherNoiseLabels", "NORMS",
@@ -85,6 +86,8 @@ class TeacherNoiseLabels:
 def default_noise_labels(teacher: Preconditioning) -> Callable[[torch.Tensor], torch.Tensor]:
     """The student's c_noise(t): the teacher's rule when the teacher is a preconditioned
     network (the student starts as a copy of it), EDM's ln(t)/4 for a direct denoiser."""
+    if isinstance(teacher, GuidedDenoiser):
+        teacher = teacher.main  # the student copies the main network
     if isinstance(teacher, DirectDenoiser):
         return _edm_noise_labels
     return TeacherNoiseLabels(teacher)
@@ -110,6 +113,8 @@ def _check_teacher_precision(teacher_precision) -> None:
 
 
 def _teacher_dtype(teacher: Preconditioning, noise: torch.Tensor, force_fp32: bool) -> torch.dtype:
+    if isinstance(teacher, GuidedDenoiser):
+        teacher = teacher.main  # (a guide of another parametrisation is combined as a plain denoiser)
     if isinstance(teacher, DirectDenoiser):
         return noise.dtype  # direct denoisers compute in their input's dtype
     return teacher.model_dtype(noise.device, force_fp32)
@@ -215,10 +220,10 @@ def pid_distillation_loss(student: Callable[..., torch.Tensor], teacher: Any, no
     if check_student_output and eager:
         check_first_output(f_t, f_t2, how)
     coef = teacher.coefficients(t)
-    teacher_out = _teacher_output(teacher, noise, f_t, t / sigma_max, coef, labels,
-                                  teacher_precision, backend)
+    teacher_out, guide = _teacher_output(teacher, noise, f_t, t, t / sigma_max, coef, labels,
+                                         teacher_precision, backend)
     weight = None if weighting is None else weighting(t).reshape(noise.shape[0]).to(t.dtype)
-    per_sample = _per_sample_loss(noise, f_t, f_t2, teacher_out, t, t2, coef, weight,
+    per_sample = _per_sample_loss(noise, f_t, f_t2, teacher_out, guide, t, t2, coef, weight,
                                   sigma_max, norm, huber_c, lpips, backend)
     return (per_sample, t, t2) if return_times else per_sample
 
@@ -238,10 +243,11 @@ def _draw_times(noise, num_points, sigma_min, sigma_max, rho, indices, generator
             grid_times(i2, num_points, sigma_min, sigma_max, rho, tdtype))
 
 
-def _teacher_output(teacher, noise, f_t, a, coef, labels, teacher_precision, backend):
-    """Steps 3-4: the teacher's raw output G at (y, t), y = a n + (1 - a) F(t). Its input c_in y
-    comes from the fused assemble op in the teacher's dtype, detached: no gradient through
-    the teacher nor its input."""
+def _teacher_output(teacher, noise, f_t, t, a, coef, labels, teacher_precision, backend):
+    """Steps 3-4: the teacher's raw output G at (y, t), y = a n + (1 - a) F(t), and for a guided
+    teacher (pid_fast.guided) the guide's, with w per sample: (G, None) or (G_m, (G_g, w)). Its
+    input c_in y comes from the fused assemble op in the teacher's dtype, detached: no gradient
+    through the teacher nor its input."""
     # "bf16": the network's fp32 path under bf16 autocast (also for an fp16 EDM teacher).
     force_fp32 = teacher_precision in ("fp32", "bf16")
     # no_grad rather than inference_mode: inference tensors break torch.compile of a whole step.
@@ -250,14 +256,21 @@ def _teacher_output(teacher, noise, f_t, a, coef, labels, teacher_precision, bac
                                     _teacher_dtype(teacher, noise, force_fp32), backend)
         with torch.autocast(noise.device.type, dtype=torch.bfloat16,
                             enabled=teacher_precision == "bf16"):
-            return teacher.raw(teacher_in, coef.c_noise, labels, force_fp32=force_fp32)
+            if isinstance(teacher, GuidedDenoiser) and not teacher.is_identity:
+                # both raw outputs; the fused residual forms G_g + w (G_m - G_g) inside the kernel
+                g_main, g_guide = teacher.raw_pair(teacher_in, coef.c_noise, labels, force_fp32=force_fp32)
+                return g_main, (g_guide, teacher.guidance_scale(t))
+            return teacher.raw(teacher_in, coef.c_noise, labels, force_fp32=force_fp32), None
 
 
-def _per_sample_loss(noise, f_t, f_t2, teacher_out, t, t2, coef, weight, sigma_max, norm, huber_c,
+def _per_sample_loss(noise, f_t, f_t2, teacher_out, guide, t, t2, coef, weight, sigma_max, norm, huber_c,
                      lpips, backend):
     """Step 5: residual and norm in one fused pass (a = t/T, b = 1 - t/T are the ops'
-    defaults), or pred/target from the fused residual op and the LPIPS network."""
+    defaults), or pred/target from the fused residual op and the LPIPS network. ``guide``:
+    (G_g, w) of a guided teacher, combined with G_m = teacher_out inside the op."""
     common = dict(sigma_max=float(sigma_max), backend=backend, validate=False)
+    if guide is not None:
+        common.update(guide_out=guide[0], guide_scale=guide[1])
     if norm != "lpips":
         return pid_loss(noise, f_t, f_t2, teacher_out, t, t2, coef.c_skip, coef.c_out, norm=norm,
                         huber_c=huber_c, weight=weight, **common)

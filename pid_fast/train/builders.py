@@ -18,6 +18,7 @@ from pid_fast.io.teachers import load_teacher_with_config
 from pid_fast.loss import PIDLoss
 from pid_fast.models.diffusers_adapter import (DiffusersDenoiser, build_diffusers_network, diffusers_noise_labels,
                                                is_diffusers_network, scheduler_sigma_range)
+from pid_fast.models.guidance import GuidedDenoiser, guided
 from pid_fast.models.networks import build_network, network_config
 from pid_fast.models.preconditioning import (PRECONDITIONINGS, DirectDenoiser, EDMPrecond, GaussianDenoiser,
                                              Preconditioning, VEPrecond, VPPrecond)
@@ -47,7 +48,34 @@ def network_spec(spec: Any, key: str) -> dict:
 
 
 def build_teacher(tcfg: Mapping[str, Any], device: torch.device) -> tuple[Preconditioning, Optional[dict]]:
-    """(frozen teacher, its network config or None) from config['teacher']."""
+    """(frozen teacher, its network config or None) from config['teacher']; with
+    teacher.guidance, the guided teacher (pid_fast.guided) of that teacher and its guide."""
+    teacher, net_cfg = _build_unguided_teacher(tcfg, device)
+    guidance = tcfg.get("guidance")
+    return (teacher if guidance is None else guided_teacher(teacher, guidance, device)), net_cfg
+
+
+def guided_teacher(main: Preconditioning, gcfg: Mapping[str, Any], device: torch.device) -> GuidedDenoiser:
+    """The guided teacher of config['teacher.guidance'] around ``main``: guide "unconditional"
+    (main without its label: zeros, EDM's label dropout, or the one-hot ``null_label``) or a
+    second teacher's config (autoguidance: it gets the same labels)."""
+    guide_cfg, interval = gcfg["guide"], gcfg.get("interval")
+    interval = None if interval is None else tuple(interval)
+    if guide_cfg == "unconditional":
+        null = gcfg.get("null_label")
+        guide_labels = "zeros" if null is None else nn.functional.one_hot(
+            torch.tensor(int(null)), int(main.label_dim)).float()
+        return guided(main, main, gcfg["scale"], guide_labels=guide_labels, interval=interval)
+    guide, _ = _build_unguided_teacher(guide_cfg, device)
+    return guided(main, guide, gcfg["scale"], interval=interval)
+
+
+def unguided(teacher: Preconditioning) -> Preconditioning:
+    """The main teacher of a guided one (what the student copies and takes its noise labels from)."""
+    return teacher.main if isinstance(teacher, GuidedDenoiser) else teacher
+
+
+def _build_unguided_teacher(tcfg: Mapping[str, Any], device: torch.device) -> tuple[Preconditioning, Optional[dict]]:
     kind = tcfg["kind"]
     if kind == "gaussian":
         teacher = GaussianDenoiser(tcfg.get("mean", 0.0), tcfg.get("std", 0.5), label_dim=int(tcfg.get("label_dim", 0)))
@@ -116,6 +144,7 @@ def build_student(scfg: Mapping[str, Any], teacher: Preconditioning, teacher_net
         torch.manual_seed(int(scfg["seed"]))
         net = _build_student_network(net_cfg)
     if scfg["init"] == "teacher":
+        teacher = unguided(teacher)
         if not isinstance(getattr(teacher, "model", None), nn.Module):
             raise ValueError("config['student.init'] is 'teacher' but the teacher has no network to copy")
         init_student_from_teacher(net, teacher.model)
@@ -279,6 +308,7 @@ def build_optimizer(params, ocfg: Mapping[str, Any], device: torch.device) -> to
 
 def noise_rule(teacher: Preconditioning) -> dict:
     """How the student's c_noise(t) is computed (the teacher's rule), as a JSON-able dict."""
+    teacher = unguided(teacher)
     if isinstance(teacher, DiffusersDenoiser):  # its training schedule, sigma -> timestep
         return teacher.noise_rule()
     if isinstance(teacher, VPPrecond):

@@ -7,6 +7,7 @@ merges it over DEFAULT_CONFIG and checks every value through pid_fast/checks.py,
 from __future__ import annotations
 
 import copy
+import math
 import json
 import os
 from typing import Any, Mapping, Optional
@@ -87,10 +88,13 @@ RESUMABLE_CHANGES = ("total_steps", "log_every", "checkpoint_every", "keep_check
                      "snapshot_num", "progress", "device", "channels_last", "compile", "lr_schedule")
 
 # The keys of config['teacher'] for each teacher kind.
-TEACHER_KEYS = {"edm": {"kind", "path", "key"},
-                "network": {"kind", "network", "precond", "seed", "use_fp16", "precond_kwargs"},
-                "gaussian": {"kind", "mean", "std", "label_dim"},
-                "diffusers": {"kind", "path", "scheduler", "prediction_type", "timestep_rounding"}}
+TEACHER_KEYS = {"edm": {"kind", "path", "key", "guidance"},
+                "network": {"kind", "network", "precond", "seed", "use_fp16", "precond_kwargs", "guidance"},
+                "gaussian": {"kind", "mean", "std", "label_dim", "guidance"},
+                "diffusers": {"kind", "path", "scheduler", "prediction_type", "timestep_rounding", "guidance"}}
+# config['teacher.guidance'] (pid_fast.guided): {"scale": w, "guide": "unconditional" | a teacher config
+# without guidance, "interval": [sigma_lo, sigma_hi] | null, "null_label": class index | null}
+GUIDANCE_KEYS = {"scale", "guide", "interval", "null_label"}
 
 
 def load_config(path: str | os.PathLike) -> dict:
@@ -299,6 +303,8 @@ def _check_teacher(teacher: Any) -> None:
     if extra:
         raise ValueError(f"config: unknown key(s) {sorted('teacher.' + k for k in extra)} for teacher kind "
                          f"{kind!r}; known: {sorted(TEACHER_KEYS[kind])}")
+    if teacher.get("guidance") is not None:
+        _check_guidance(teacher["guidance"])
     if kind == "edm":
         _need(isinstance(teacher.get("path"), str), "teacher.path", "the path of the teacher checkpoint",
               teacher.get("path"))
@@ -307,6 +313,32 @@ def _check_teacher(teacher: Any) -> None:
     elif kind == "network":
         check_choice(teacher.get("precond", "edm"), _name("teacher.precond"), sorted(PRECONDITIONINGS))
         _need(teacher.get("network") is not None, "teacher.network", "a network name or config", None)
+
+
+def _check_guidance(guidance: Any) -> None:
+    _need(isinstance(guidance, dict), "teacher.guidance", f"null or a dict with keys {sorted(GUIDANCE_KEYS)}", guidance)
+    extra = set(guidance) - GUIDANCE_KEYS
+    if extra:
+        raise ValueError(f"config: unknown key(s) {sorted('teacher.guidance.' + k for k in extra)}; "
+                         f"known: {sorted(GUIDANCE_KEYS)}")
+    scale = guidance.get("scale")
+    _need(isinstance(scale, (int, float)) and not isinstance(scale, bool) and math.isfinite(scale),
+          "teacher.guidance.scale", "a finite number (the guidance weight w; 1: no guidance)", scale)
+    guide = guidance.get("guide")
+    if guide != "unconditional":
+        _need(isinstance(guide, dict), "teacher.guidance.guide",
+              "'unconditional' (the main teacher without its label) or a second teacher's config", guide)
+        _need(guide.get("guidance") is None, "teacher.guidance.guide.guidance", "null (a guide is not guided)",
+              guide.get("guidance"))
+        _check_teacher(guide)
+    interval = guidance.get("interval")
+    _need(interval is None or (isinstance(interval, (list, tuple)) and len(interval) == 2
+                               and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in interval)
+                               and 0 <= interval[0] < interval[1]),
+          "teacher.guidance.interval", "null or [sigma_lo, sigma_hi] with 0 <= sigma_lo < sigma_hi", interval)
+    null = guidance.get("null_label")
+    _need(null is None or (isinstance(null, int) and not isinstance(null, bool) and null >= 0 and guide == "unconditional"),
+          "teacher.guidance.null_label", "null or a class index (with guide 'unconditional')", null)
 
 
 def _check_diffusers_teacher(teacher: Mapping[str, Any]) -> None:
