@@ -177,3 +177,74 @@ def teacher_file(tmp_dir, marker):
 
 __all__ = ["EDMPrecond", "make_network", "write_snapshot", "training_loop", "construct_class_by_name", "free_port",
            "init_process", "relative", "flat_grad", "teacher_file"]
+
+
+# --------------------------------------------------------------------------------------------
+# Process workers (torch.multiprocessing.spawn: module-level functions)
+
+GLOBAL_BATCH = 8
+KINDS = ("raw", "preconditioned", "bypass")
+
+
+def gradient_batch():
+    """The global batch of the gradient check: noise, grid indices (both ends included)."""
+    noise = torch.randn(GLOBAL_BATCH, 3, 8, 8, generator=torch.Generator().manual_seed(7)) * 80.0
+    return noise, torch.tensor([0, 3, 40, 90, 150, 200, 248, 249])
+
+
+def gradient_student(kind):
+    """(what the loss is called with, the module whose gradients are compared, the DDP to keep
+    alive) for one rank: DDP of the raw network, DDP of the EDM-shaped EDMPrecond, or the raw
+    network reached inside DDP(EDMPrecond) (``ddp.module.model``: DDP's hooks bypassed)."""
+    edm, _ = make_network(seed=0)
+    edm.train()
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    wrap = (lambda m: nn.parallel.DistributedDataParallel(m, broadcast_buffers=False)) if world > 1 else (lambda m: m)
+    if kind == "raw":
+        ddp = wrap(edm.model)
+        return ddp, edm.model, ddp
+    ddp = wrap(edm)
+    if kind == "bypass":
+        return (ddp.module if world > 1 else ddp).model, edm.model, ddp
+    return ddp, edm.model, ddp
+
+
+def gradient_teacher():
+    from pid_fast.models.preconditioning import EDMPrecond as PidEDMPrecond
+
+    teacher, _ = make_network(seed=0)
+    return PidEDMPrecond(copy.deepcopy(teacher.model)).eval()
+
+
+def rank_gradients(rank, world):
+    """{kind: gradient} of the mean PID loss over this rank's rows of the global batch."""
+    from pid_fast.loss import PIDLoss
+
+    noise, indices = gradient_batch()
+    rows = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
+    pid = PIDLoss(gradient_teacher())
+    out = {}
+    for kind in KINDS:
+        call, params, _keep = gradient_student(kind)
+        pid.per_sample(call, noise[rows], indices=indices[rows]).mean().backward()
+        out[kind] = flat_grad(params)
+    return out
+
+
+LOOP = dict(steps=20, batch_size=8, lr=1e-3, ema_halflife_images=40)
+
+
+def dropin_worker(rank, world, port, out_dir, teacher_path, marker, snapshot_steps):
+    """One 2-process run for the tests: the DDP gradient check, then the EDM-shaped loop."""
+    init_process(rank, world, port)
+    try:
+        torch.save(rank_gradients(rank, world), os.path.join(out_dir, f"grads-rank{rank}.pt"))
+        loss_kwargs = dict(class_name="pid_fast.integrations.edm.EDMPIDLoss", teacher=teacher_path,
+                           allow_unknown_source=True)  # the stand-in's module_src is not EDM's released one
+        losses, snapshots, ema = training_loop(out_dir, loss_kwargs=loss_kwargs, marker=marker,
+                                               snapshot_steps=snapshot_steps, **LOOP)
+        if rank == 0:
+            torch.save(dict(losses=losses, snapshots=snapshots, ema=ema.model.state_dict()),
+                       os.path.join(out_dir, "loop-result.pt"))
+    finally:
+        dist.destroy_process_group()
