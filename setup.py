@@ -141,7 +141,9 @@ EVAL = ["clean-fid", "scikit-learn", "matplotlib", "torchvision"]
 LPIPS = ["lpips"]  # brings torchvision; its vgg.pth is the default LPIPS heads file
 DIFFUSERS = ["diffusers>=0.30"]  # teachers/students saved with diffusers' save_pretrained
 ACCELERATE = ["accelerate"]  # the drop-in loss inside an accelerate loop (examples/, tests)
-TEST = ["pytest", "hypothesis", "pytest-benchmark", "piq==0.8.0", "lpips"] + DIFFUSERS + ACCELERATE
+TEXT = DIFFUSERS + ["transformers"]  # text-to-image teachers: CLIP text encoders and tokenizers
+TENSORBOARD = ["tensorboard"]  # log.tensorboard: torch.utils.tensorboard's writer
+TEST = ["pytest", "hypothesis", "pytest-benchmark", "piq==0.8.0", "lpips"] + DIFFUSERS + ACCELERATE + TEXT + TENSORBOARD
 
 setup(
     name="pid_fast",
@@ -155,8 +157,10 @@ setup(
         "eval": EVAL,  # pid-fast fid, demo, train-teacher, train-features
         "lpips": LPIPS,  # loss.norm = "lpips" (with local weight files)
         "diffusers": DIFFUSERS,  # teacher.kind = "diffusers", VAE decoding of latent teachers
+        "text": TEXT,  # text-conditioned diffusers pipelines (prompts, CLIP score)
+        "tensorboard": TENSORBOARD,
         "test": TEST,
-        "all": sorted(set(EVAL + LPIPS + DIFFUSERS + TEST)),
+        "all": sorted(set(EVAL + LPIPS + DIFFUSERS + TEXT + TENSORBOARD + TEST)),
     },
     entry_points={"console_scripts": ["pid-fast = pid_fast.cli:main"]},
     ext_modules=[extension()],

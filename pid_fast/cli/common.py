@@ -40,5 +40,5 @@ def command_line(name: str, options: list[tuple[str, object]]) -> str:
     """The shell command `pid-fast NAME --flag value ...`, quoted, e.g. for a file's metadata."""
     parts = ["pid-fast", name]
     for flag, value in options:
-        parts += [flag, str(value)]
+        parts += [flag] if value is None else [flag, str(value)]  # (None: a flag without a value)
     return " ".join(shlex.quote(p) for p in parts)

@@ -26,10 +26,16 @@ __all__ = ["train_teacher", "train_features", "demo", "register"]
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--model-channels", type=click.IntRange(min=4), default=None,
               help="Width of the U-Net (default: that of pid_fast.demo.digits.DIGITS_NETWORK).")
+@click.option("--class-conditional", is_flag=True,
+              help="A teacher of the 10 digit classes (one-hot labels; zeros: unconditional).")
+@click.option("--label-dropout", type=click.FloatRange(min=0, max=1, max_open=True), default=0.0, show_default=True,
+              help="Share of labels zeroed in training (with --class-conditional): the teacher then guides itself "
+                   "(classifier-free guidance).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads (default: all cores).")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @click.option("--no-progress", is_flag=True)
-def train_teacher(out, steps, batch_size, lr, seed, model_channels, threads, overwrite, no_progress) -> None:
+def train_teacher(out, steps, batch_size, lr, seed, model_channels, class_conditional, label_dropout, threads,
+                  overwrite, no_progress) -> None:
     """Train the digits teacher (EDM's loss, EDM-preconditioned SongUNet) on the CPU.
 
     The EMA weights go to OUT in pid_fast's teacher format (what `pid-fast convert` writes),
@@ -42,11 +48,14 @@ def train_teacher(out, steps, batch_size, lr, seed, model_channels, threads, ove
     options = [("--steps", steps), ("--batch-size", batch_size), ("--lr", lr), ("--seed", seed)]
     if model_channels is not None:
         options.append(("--model-channels", model_channels))
+    if class_conditional:
+        options += [("--class-conditional", None), ("--label-dropout", label_dropout)]
     if threads is not None:
         options.append(("--threads", threads))
     network = {"model_channels": model_channels} if model_channels is not None else None
     try:
         summary = run(out, steps=steps, batch_size=batch_size, lr=lr, seed=seed, network=network,
+                      class_conditional=class_conditional, label_dropout=label_dropout,
                       progress=not no_progress, command=command_line("train-teacher", options + [("--out", out)]))
     except (ValueError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from None
@@ -109,14 +118,29 @@ def train_features(out, epochs, seed, threads, overwrite, no_progress) -> None:
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="torch CPU threads (default: the faster of 1 and all cores, timed at start-up).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--guidance", type=click.FloatRange(min=0, min_open=True), default=None, metavar="W",
+              help="The guided demo instead (pid_fast.demo.guided): distil the bundled class-conditional digits "
+                   "teacher with classifier-free guidance at w = 1 and at w = W, and compare each student with its "
+                   "guided teacher (FD to its samples, RMSE, FD to data, class accuracy).")
 @click.option("--no-progress", is_flag=True)
 def demo(out_dir, steps, batch_size, lr, N, norm, max_minutes, no_time_limit, num_samples, weights, teacher_share,
          teacher_path,
-         features_path, analytic, resume, overwrite, threads, seed, no_progress) -> None:
+         features_path, analytic, resume, overwrite, threads, seed, guidance, no_progress) -> None:
     """Distil the bundled digits teacher into a one-step student on the CPU, offline, and
     compare: FD of the student (1 step), the teacher's Heun (35 evaluations) and Euler (1 step)."""
     # The digits, the distances, the pictures: all checked before the run, not after it.
     require("eval", "sklearn", "cleanfid", "matplotlib", "PIL")
+    if guidance is not None:
+        from pid_fast.demo.guided import run_guided_demo
+
+        kwargs = {"steps": steps, "batch_size": batch_size, "lr": lr, "N": N, "num_samples": num_samples}
+        try:
+            run_guided_demo(out_dir, scale=guidance, teacher_path=teacher_path, features_path=features_path,
+                            seed=seed, threads=threads, overwrite=overwrite, progress=not no_progress, log=click.echo,
+                            **{k: v for k, v in kwargs.items() if v is not None})
+        except (ValueError, FileNotFoundError, FileExistsError) as exc:
+            raise click.ClickException(str(exc)) from None
+        return
     from pid_fast.demo.run import run_demo
 
     kwargs = {"steps": steps, "batch_size": batch_size, "lr": lr, "N": N, "norm": norm, "num_samples": num_samples,

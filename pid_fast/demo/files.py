@@ -12,12 +12,14 @@ import torch
 from pid_fast.io.atomic import atomic_write
 from pid_fast.io import read_checkpoint_metadata
 
-__all__ = ["ASSETS_DIR", "DEFAULT_TEACHER", "DEFAULT_FEATURES", "RECIPE_KEY", "CLASSIFIER_FORMAT", "checkpoint_recipe",
+__all__ = ["ASSETS_DIR", "DEFAULT_TEACHER", "DEFAULT_CONDITIONAL_TEACHER", "DEFAULT_FEATURES", "RECIPE_KEY", "CLASSIFIER_FORMAT", "checkpoint_recipe",
            "write_weights", "missing_file"]
 
 ASSETS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 DEFAULT_TEACHER = os.path.join(ASSETS_DIR, "digits-teacher.safetensors")
 DEFAULT_FEATURES = os.path.join(ASSETS_DIR, "digits-features.safetensors")
+# class-conditional, trained with label dropout 0.1: it guides itself (`pid-fast demo --guidance W`)
+DEFAULT_CONDITIONAL_TEACHER = os.path.join(ASSETS_DIR, "digits-teacher-cond.safetensors")
 
 RECIPE_KEY = "pid_fast.recipe"  # safetensors metadata: how the file was made
 CLASSIFIER_FORMAT = "pid_fast.digits_classifier/1"
