@@ -10,8 +10,16 @@
 //   target = c_skip y + c_out G = tn n + t1 F1 + tg G
 //   r      = pred - target
 //
+// With a guide (a fifth stream Gg, the guide teacher's raw output, and a per-sample scale w)
+// the teacher is the guided one, D_w = D_g + w (D_m - D_g); with shared c_skip, c_out:
+//   target = c_skip y + c_out (w G + (1 - w) Gg) = tn n + t1 F1 + tg G + tgg Gg,
+//   tg = c_out w,  tgg = c_out (1 - w)
+// formed in double and rounded once, so w = 1 gives tg = c_out and tgg = 0 exactly (the
+// unguided result bit for bit: the Gg term is added last, +-0 leaves the sum unchanged) and
+// w = 0 gives tg = 0, tgg = c_out (the unguided result with G = Gg).
+//
 // The target is detached, so dr/dF1 = p1 and dr/dF2 = p2 (the spec's
-// d pred/d y = 1 - t/(t-t2), d pred/d y2 = t/(t-t2), times d y/d F = b).
+// d pred/d y = 1 - t/(t-t2), d pred/d y2 = t/(t-t2), times d y/d F = b), guided or not.
 // Coefficients are formed in double once per row, then used in float32.
 #pragma once
 
@@ -40,12 +48,14 @@ struct CoefPtrs {
   const float* c_skip;
   const float* c_out;
   const float* weight;  // may be null (w = 1)
+  const float* guide_scale;  // null: no guide (then no guide stream either)
   double sigma_max;
 };
 
 struct RowCoefs {
   float pn, p1, p2;  // pred   = pn n + p1 F1 + p2 F2
-  float tn, t1, tg;  // target = tn n + t1 F1 + tg G
+  float tn, t1, tg;  // target = tn n + t1 F1 + tg G (+ tgg Gg with a guide)
+  float tgg;         // 0 without a guide
 };
 
 PID_HD RowCoefs row_coefs(const CoefPtrs& c, int64_t row) {
@@ -62,14 +72,17 @@ PID_HD RowCoefs row_coefs(const CoefPtrs& c, int64_t row) {
   rc.p2 = (float)(k * b2);
   rc.tn = (float)(cs * a1);
   rc.t1 = (float)(cs * b1);
-  rc.tg = c.c_out[row];
+  if (c.guide_scale) {
+    const double co = c.c_out[row], w = c.guide_scale[row];
+    rc.tg = (float)(co * w);
+    rc.tgg = (float)(co * (1.0 - w));
+  } else {
+    rc.tg = c.c_out[row];
+    rc.tgg = 0.f;
+  }
   return rc;
 }
 
-// The per-element residual r = pred - target.
-PID_HD float residual(const RowCoefs& rc, float n, float f1, float f2, float g) {
-  return (rc.pn - rc.tn) * n + (rc.p1 - rc.t1) * f1 + rc.p2 * f2 - rc.tg * g;
-}
 
 // The per-element contribution to the row sum (|r| for l1, r^2 otherwise) and the
 // direction of dL/dr (sign(r) for l1, r otherwise); the per-row factor comes later.

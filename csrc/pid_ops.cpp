@@ -153,10 +153,34 @@ const float* prepare_coef(const char* op, Rows& rows, const char* name, const Op
   return c.const_data_ptr<float>();
 }
 
+Rows prepare_pid_streams(const char* op, const Tensor& noise, const Tensor& f_t,
+                         const Tensor& f_t2, const Tensor& teacher_out,
+                         const OptTensor& guide_out, const OptTensor& guide_scale) {
+  PID_CHECK(is_set(guide_out) == is_set(guide_scale), op, ": ",
+            is_set(guide_out) ? "guide_scale (the guidance scale w, a per-sample vector) must be "
+                                "given with guide_out"
+                              : "guide_scale was given without guide_out (the guide teacher's "
+                                "output)");
+  if (!is_set(guide_out))
+    return prepare_streams(
+        op, {{"noise", noise}, {"f_t", f_t}, {"f_t2", f_t2}, {"teacher_out", teacher_out}});
+  // guide_out is checked against teacher_out first, so its messages name both.
+  const Tensor& g = *guide_out;
+  PID_CHECK(g.device() == teacher_out.device(), op, ": guide_out is on ", device_str(g.device()),
+            " but teacher_out is on ", device_str(teacher_out.device()));
+  PID_CHECK(g.scalar_type() == teacher_out.scalar_type(), op, ": guide_out has dtype ",
+            g.scalar_type(), " but teacher_out has dtype ", teacher_out.scalar_type());
+  PID_CHECK(same_sizes(g, teacher_out), op, ": guide_out has shape ", shape_str(g),
+            " but teacher_out has shape ", shape_str(teacher_out));
+  return prepare_streams(op, {{"noise", noise}, {"f_t", f_t}, {"f_t2", f_t2},
+                              {"teacher_out", teacher_out}, {"guide_out", g}});
+}
+
 void prepare_pid_coefs(const char* op, Rows& rows, const Tensor& t, const Tensor& t2,
                        const OptTensor& a1, const OptTensor& b1, const OptTensor& a2,
                        const OptTensor& b2, const Tensor& c_skip, const Tensor& c_out,
-                       const OptTensor& weight, double sigma_max) {
+                       const OptTensor& weight, const OptTensor& guide_scale,
+                       double sigma_max) {
   const bool any_ab = is_set(a1) || is_set(b1) || is_set(a2) || is_set(b2);
   const bool all_ab = is_set(a1) && is_set(b1) && is_set(a2) && is_set(b2);
   PID_CHECK(!any_ab || all_ab, op, ": give all of a1, b1, a2, b2 or none of them");
@@ -171,6 +195,7 @@ void prepare_pid_coefs(const char* op, Rows& rows, const Tensor& t, const Tensor
   p.c_skip = prepare_coef(op, rows, "c_skip", c_skip);
   p.c_out = prepare_coef(op, rows, "c_out", c_out);
   p.weight = prepare_coef(op, rows, "weight", weight);
+  p.guide_scale = prepare_coef(op, rows, "guide_scale", guide_scale);
   p.sigma_max = sigma_max;
 }
 
@@ -201,16 +226,19 @@ STABLE_TORCH_LIBRARY(pid_fast, m) {
   // x = a n + b F and the teacher input c_in x (in out_dtype, default F's dtype).
   m.def("assemble(Tensor noise, Tensor f, Tensor a, Tensor b, Tensor c_in, ScalarType? out_dtype=None)"
         " -> (Tensor, Tensor)");
-  // pred = y - t (y - y2)/(t - t2), target = c_skip y + c_out G.
+  // pred = y - t (y - y2)/(t - t2), target = c_skip y + c_out G. With a guide (guide_out = Gg,
+  // guide_scale = w, both or neither): G -> w G + (1 - w) Gg, the guided teacher
+  // D_w = D_g + w (D_m - D_g).
   m.def("residual(Tensor noise, Tensor f_t, Tensor f_t2, Tensor teacher_out, Tensor t, Tensor t2,"
         " Tensor? a1, Tensor? b1, Tensor? a2, Tensor? b2, Tensor c_skip, Tensor c_out,"
-        " float sigma_max) -> (Tensor, Tensor)");
+        " float sigma_max, Tensor? guide_out=None, Tensor? guide_scale=None) -> (Tensor, Tensor)");
   // Per-sample loss (float32, B) and, when need_grad, the per-row gradient factor (B) and the
   // gradient directions for F(t) and F(t2): dL_b/dF = factor_b * dir (computed in one pass).
+  // The guide as in residual.
   m.def("loss(Tensor noise, Tensor f_t, Tensor f_t2, Tensor teacher_out, Tensor t, Tensor t2,"
         " Tensor? a1, Tensor? b1, Tensor? a2, Tensor? b2, Tensor c_skip, Tensor c_out,"
-        " Tensor? weight, float sigma_max, int norm, float huber_c, bool need_grad)"
-        " -> (Tensor, Tensor, Tensor, Tensor)");
+        " Tensor? weight, float sigma_max, int norm, float huber_c, bool need_grad,"
+        " Tensor? guide_out=None, Tensor? guide_scale=None) -> (Tensor, Tensor, Tensor, Tensor)");
   // out = x * s1[row] (* s2[row]), computed in float32, stored in x's dtype.
   m.def("scale_rows(Tensor x, Tensor s1, Tensor? s2=None) -> Tensor");
   m.def("build_info() -> str");

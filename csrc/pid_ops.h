@@ -74,11 +74,21 @@ Rows prepare_streams(const char* op, const std::vector<std::pair<const char*, Te
 // (or null for an absent optional one).
 const float* prepare_coef(const char* op, Rows& rows, const char* name, const OptTensor& v);
 
-// The coefficient set of residual/loss: t, t2, optional a1 b1 a2 b2, c_skip, c_out, weight.
+// The streams of residual/loss: noise, f_t, f_t2, teacher_out and, when a guide is given,
+// guide_out (checked against teacher_out; guide_scale must be given with it and only with it).
+Rows prepare_pid_streams(const char* op, const Tensor& noise, const Tensor& f_t,
+                         const Tensor& f_t2, const Tensor& teacher_out,
+                         const OptTensor& guide_out, const OptTensor& guide_scale);
+
+// Whether rows carries the guide stream (streams[4]) and its scale (ptrs.guide_scale).
+inline bool has_guide(const Rows& rows) { return rows.ptrs.guide_scale != nullptr; }
+
+// The coefficient set of residual/loss: t, t2, optional a1 b1 a2 b2, c_skip, c_out, weight,
+// guide_scale.
 void prepare_pid_coefs(const char* op, Rows& rows, const Tensor& t, const Tensor& t2,
                        const OptTensor& a1, const OptTensor& b1, const OptTensor& a2,
                        const OptTensor& b2, const Tensor& c_skip, const Tensor& c_out,
-                       const OptTensor& weight, double sigma_max);
+                       const OptTensor& weight, const OptTensor& guide_scale, double sigma_max);
 
 void check_norm(int64_t norm, double huber_c);
 

@@ -35,11 +35,12 @@ std::tuple<Tensor, Tensor> residual_op(
     const Tensor& teacher_out, const Tensor& t, const Tensor& t2,
     const OptTensor& a1, const OptTensor& b1,
     const OptTensor& a2, const OptTensor& b2,
-    const Tensor& c_skip, const Tensor& c_out, double sigma_max) {
-  Rows rows = prepare_streams(
-      "residual", {{"noise", noise}, {"f_t", f_t}, {"f_t2", f_t2}, {"teacher_out", teacher_out}});
+    const Tensor& c_skip, const Tensor& c_out, double sigma_max,
+    const OptTensor& guide_out, const OptTensor& guide_scale) {
+  Rows rows = prepare_pid_streams("residual", noise, f_t, f_t2, teacher_out, guide_out,
+                                  guide_scale);
   prepare_pid_coefs("residual", rows, t, t2, a1, b1, a2, b2, c_skip, c_out, std::nullopt,
-                    sigma_max);
+                    guide_scale, sigma_max);
   Tensor pred = rows.empty_like_rows(noise.scalar_type());
   Tensor target = rows.empty_like_rows(noise.scalar_type());
   if (rows.B > 0) K::residual(rows, pred, target);
@@ -53,11 +54,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> loss_op(
     const OptTensor& a1, const OptTensor& b1,
     const OptTensor& a2, const OptTensor& b2,
     const Tensor& c_skip, const Tensor& c_out, const OptTensor& weight,
-    double sigma_max, int64_t norm, double huber_c, bool need_grad) {
+    double sigma_max, int64_t norm, double huber_c, bool need_grad,
+    const OptTensor& guide_out, const OptTensor& guide_scale) {
   check_norm(norm, huber_c);
-  Rows rows = prepare_streams(
-      "loss", {{"noise", noise}, {"f_t", f_t}, {"f_t2", f_t2}, {"teacher_out", teacher_out}});
-  prepare_pid_coefs("loss", rows, t, t2, a1, b1, a2, b2, c_skip, c_out, weight, sigma_max);
+  Rows rows = prepare_pid_streams("loss", noise, f_t, f_t2, teacher_out, guide_out, guide_scale);
+  prepare_pid_coefs("loss", rows, t, t2, a1, b1, a2, b2, c_skip, c_out, weight, guide_scale,
+                    sigma_max);
   const ScalarType dtype = noise.scalar_type();
   Tensor loss = empty_1d(noise, rows.B, ScalarType::Float);
   Tensor scale = empty_1d(noise, need_grad ? rows.B : 0, ScalarType::Float);

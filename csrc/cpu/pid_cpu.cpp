@@ -17,6 +17,17 @@ constexpr int64_t kChunk = 8192;   // elements per work item
 constexpr int64_t kGrain = 65536;  // elements below which one thread does the whole op
 constexpr int kLanes = 8;
 
+// The streams and outputs never alias (fresh outputs), but with five input streams GCC's
+// run-time alias checks exceed its budget (vect-max-version-for-alias-checks) and the guided
+// loops would stay scalar: say so explicitly.
+#if defined(__clang__)
+#define PID_NO_ALIAS _Pragma("clang loop vectorize(assume_safety)")
+#elif defined(__GNUC__)
+#define PID_NO_ALIAS _Pragma("GCC ivdep")
+#else
+#define PID_NO_ALIAS
+#endif
+
 // Runs fn(row, item, begin, end) over every chunk of every row, in parallel when there is
 // enough work (waking threads for a small op costs more than it saves).
 template <class Fn>
@@ -49,39 +60,51 @@ void assemble_kernel(const Rows& rows, const float* a, const float* b, const flo
   });
 }
 
-template <typename T>
+// GUIDED (compile time): a fifth stream, the guide's output Gg, with the target's Gg term
+// tgg Gg added last (see pid_math.h); without it nothing extra is read or computed.
+template <typename T, bool GUIDED>
 void residual_kernel(const Rows& rows, Tensor& pred, Tensor& target) {
   const T* __restrict__ n = rows.streams[0].const_data_ptr<T>();
   const T* __restrict__ f1 = rows.streams[1].const_data_ptr<T>();
   const T* __restrict__ f2 = rows.streams[2].const_data_ptr<T>();
   const T* __restrict__ g = rows.streams[3].const_data_ptr<T>();
+  const T* __restrict__ gg = GUIDED ? rows.streams[4].const_data_ptr<T>() : nullptr;
   T* __restrict__ po = pred.mutable_data_ptr<T>();
   T* __restrict__ to = target.mutable_data_ptr<T>();
   for_each_chunk(rows, [&](int64_t row, int64_t, int64_t begin, int64_t end) {
     const RowCoefs rc = row_coefs(rows.ptrs, row);
+    PID_NO_ALIAS
     for (int64_t j = begin; j < end; ++j) {
       const float nv = n[j], f1v = f1[j];
       po[j] = (T)(rc.pn * nv + rc.p1 * f1v + rc.p2 * (float)f2[j]);
-      to[j] = (T)(rc.tn * nv + rc.t1 * f1v + rc.tg * (float)g[j]);
+      float tv = rc.tn * nv + rc.t1 * f1v + rc.tg * (float)g[j];
+      if constexpr (GUIDED) tv += rc.tgg * (float)gg[j];
+      to[j] = (T)tv;
     }
   });
 }
 
-template <typename T, int NORM, bool GRAD>
+template <typename T, int NORM, bool GRAD, bool GUIDED>
 void loss_kernel(const Rows& rows, float* partial, T* __restrict__ d1, T* __restrict__ d2) {
   const T* __restrict__ n = rows.streams[0].const_data_ptr<T>();
   const T* __restrict__ f1 = rows.streams[1].const_data_ptr<T>();
   const T* __restrict__ f2 = rows.streams[2].const_data_ptr<T>();
   const T* __restrict__ g = rows.streams[3].const_data_ptr<T>();
+  const T* __restrict__ gg = GUIDED ? rows.streams[4].const_data_ptr<T>() : nullptr;
   for_each_chunk(rows, [&](int64_t row, int64_t item, int64_t begin, int64_t end) {
     const RowCoefs rc = row_coefs(rows.ptrs, row);
-    const float qn = rc.pn - rc.tn, q1 = rc.p1 - rc.t1, q2 = rc.p2, qg = -rc.tg;
+    const float qn = rc.pn - rc.tn, q1 = rc.p1 - rc.t1, q2 = rc.p2, qg = -rc.tg, qgg = -rc.tgg;
+    auto resid = [&](int64_t i) {
+      float r = qn * (float)n[i] + q1 * (float)f1[i] + q2 * (float)f2[i] + qg * (float)g[i];
+      if constexpr (GUIDED) r += qgg * (float)gg[i];
+      return r;
+    };
     float acc[kLanes] = {0.f};
     int64_t j = begin;
     for (; j + kLanes <= end; j += kLanes) {
+      PID_NO_ALIAS
       for (int l = 0; l < kLanes; ++l) {
-        const float r = qn * (float)n[j + l] + q1 * (float)f1[j + l] + q2 * (float)f2[j + l] +
-                        qg * (float)g[j + l];
+        const float r = resid(j + l);
         acc[l] += norm_term<NORM>(r);
         if constexpr (GRAD) {
           const float dir = norm_dir<NORM>(r);
@@ -91,7 +114,7 @@ void loss_kernel(const Rows& rows, float* partial, T* __restrict__ d1, T* __rest
       }
     }
     for (; j < end; ++j) {
-      const float r = qn * (float)n[j] + q1 * (float)f1[j] + q2 * (float)f2[j] + qg * (float)g[j];
+      const float r = resid(j);
       acc[0] += norm_term<NORM>(r);
       if constexpr (GRAD) {
         const float dir = norm_dir<NORM>(r);
@@ -128,8 +151,10 @@ struct CpuKernels {
   }
 
   static void residual(const Rows& rows, Tensor& pred, Tensor& target) {
-    PID_DISPATCH_FLOATS(pred.scalar_type(), "pid_fast::residual",
-                        [&] { residual_kernel<scalar_t>(rows, pred, target); });
+    PID_DISPATCH_FLOATS(pred.scalar_type(), "pid_fast::residual", [&] {
+      if (has_guide(rows)) residual_kernel<scalar_t, true>(rows, pred, target);
+      else residual_kernel<scalar_t, false>(rows, pred, target);
+    });
   }
 
   static void loss(const Rows& rows, int norm, double huber_c, bool grad, Tensor& loss,
@@ -141,10 +166,15 @@ struct CpuKernels {
       using T = scalar_t;
       T* p1 = grad ? d1.mutable_data_ptr<T>() : nullptr;
       T* p2 = grad ? d2.mutable_data_ptr<T>() : nullptr;
-      auto run = [&](auto norm_c) {
+      auto by_grad = [&](auto norm_c, auto guided_c) {
         constexpr int N = decltype(norm_c)::value;  // compile-time norm
-        if (grad) loss_kernel<T, N, true>(rows, pp, p1, p2);
-        else loss_kernel<T, N, false>(rows, pp, p1, p2);
+        constexpr bool G = decltype(guided_c)::value;
+        if (grad) loss_kernel<T, N, true, G>(rows, pp, p1, p2);
+        else loss_kernel<T, N, false, G>(rows, pp, p1, p2);
+      };
+      auto run = [&](auto norm_c) {
+        if (has_guide(rows)) by_grad(norm_c, std::true_type{});
+        else by_grad(norm_c, std::false_type{});
       };
       if (norm == kL2) run(std::integral_constant<int, kL2>{});
       else if (norm == kL1) run(std::integral_constant<int, kL1>{});

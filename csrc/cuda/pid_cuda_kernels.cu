@@ -103,51 +103,58 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <typename T, int VEC>
+// GUIDED (compile time): a fifth stream gg, the guide's output, whose target term tgg * gg is
+// added last (see pid_math.h); without it gg is never read.
+template <typename T, int VEC, bool GUIDED>
 __global__ void __launch_bounds__(kThreads)
     residual_kernel(const T* __restrict__ n, const T* __restrict__ f1, const T* __restrict__ f2,
-                    const T* __restrict__ g, T* __restrict__ pred, T* __restrict__ target,
-                    CoefPtrs coefs, int64_t D, int64_t chunk, int64_t nchunks) {
+                    const T* __restrict__ g, const T* __restrict__ gg, T* __restrict__ pred,
+                    T* __restrict__ target, CoefPtrs coefs, int64_t D, int64_t chunk,
+                    int64_t nchunks) {
   const Chunk c = my_chunk(D, chunk, nchunks);
   const RowCoefs rc = row_coefs(coefs, c.row);
   for (int64_t i = c.begin + (int64_t)threadIdx.x * VEC; i < c.end; i += (int64_t)kThreads * VEC) {
-    float nv[VEC], f1v[VEC], f2v[VEC], gv[VEC], pv[VEC], tv[VEC];
+    float nv[VEC], f1v[VEC], f2v[VEC], gv[VEC], ggv[VEC], pv[VEC], tv[VEC];
     load<T, VEC>(n, i, nv);
     load<T, VEC>(f1, i, f1v);
     load<T, VEC>(f2, i, f2v);
     load<T, VEC>(g, i, gv);
+    if (GUIDED) load<T, VEC>(gg, i, ggv);
 #pragma unroll
     for (int l = 0; l < VEC; ++l) {
       pv[l] = rc.pn * nv[l] + rc.p1 * f1v[l] + rc.p2 * f2v[l];
       tv[l] = rc.tn * nv[l] + rc.t1 * f1v[l] + rc.tg * gv[l];
+      if (GUIDED) tv[l] += rc.tgg * ggv[l];
     }
     store<T, VEC>(pred, i, pv);
     store<T, VEC>(target, i, tv);
   }
 }
 
-// One read of the four streams; per-chunk partial sums of the norm term and, with GRAD, the
-// gradient directions p1*dir(r), p2*dir(r) written in the same pass.
-template <typename T, int VEC, int NORM, bool GRAD>
+// One read of the four streams (five with a guide); per-chunk partial sums of the norm term
+// and, with GRAD, the gradient directions p1*dir(r), p2*dir(r) written in the same pass.
+template <typename T, int VEC, int NORM, bool GRAD, bool GUIDED>
 __global__ void __launch_bounds__(kThreads)
     loss_kernel(const T* __restrict__ n, const T* __restrict__ f1, const T* __restrict__ f2,
-                const T* __restrict__ g, T* __restrict__ d1, T* __restrict__ d2,
-                float* __restrict__ partial, CoefPtrs coefs, int64_t D, int64_t chunk,
-                int64_t nchunks) {
+                const T* __restrict__ g, const T* __restrict__ gg, T* __restrict__ d1,
+                T* __restrict__ d2, float* __restrict__ partial, CoefPtrs coefs, int64_t D,
+                int64_t chunk, int64_t nchunks) {
   const Chunk c = my_chunk(D, chunk, nchunks);
   const RowCoefs rc = row_coefs(coefs, c.row);
-  const float qn = rc.pn - rc.tn, q1 = rc.p1 - rc.t1, q2 = rc.p2, qg = -rc.tg;
+  const float qn = rc.pn - rc.tn, q1 = rc.p1 - rc.t1, q2 = rc.p2, qg = -rc.tg, qgg = -rc.tgg;
   float acc = 0.f;
   for (int64_t i = c.begin + (int64_t)threadIdx.x * VEC; i < c.end; i += (int64_t)kThreads * VEC) {
-    float nv[VEC], f1v[VEC], f2v[VEC], gv[VEC];
+    float nv[VEC], f1v[VEC], f2v[VEC], gv[VEC], ggv[VEC];
     load<T, VEC>(n, i, nv);
     load<T, VEC>(f1, i, f1v);
     load<T, VEC>(f2, i, f2v);
     load<T, VEC>(g, i, gv);
+    if (GUIDED) load<T, VEC>(gg, i, ggv);
     float o1[VEC], o2[VEC];
 #pragma unroll
     for (int l = 0; l < VEC; ++l) {
-      const float r = qn * nv[l] + q1 * f1v[l] + q2 * f2v[l] + qg * gv[l];
+      float r = qn * nv[l] + q1 * f1v[l] + q2 * f2v[l] + qg * gv[l];
+      if (GUIDED) r += qgg * ggv[l];
       acc += norm_term<NORM>(r);
       const float dir = norm_dir<NORM>(r);
       o1[l] = rc.p1 * dir;
@@ -266,14 +273,19 @@ void cuda_residual(const Rows& rows, Tensor& pred, Tensor& target) {
   const cudaStream_t stream = current_stream(pred);
   PID_DISPATCH_FLOATS(pred.scalar_type(), "pid_fast::residual", [&] {
     using T = scalar_t;
+    const T* gg = has_guide(rows) ? rows.streams[4].const_data_ptr<T>() : nullptr;
     with_vec<T>(pick_vec<T>(rows, {pred, target}), [&](auto VC) {
       constexpr int V = decltype(VC)::value;
       const Launch L = plan(rows, V);
-      residual_kernel<T, V><<<L.grid, kThreads, 0, stream>>>(
-          rows.streams[0].const_data_ptr<T>(), rows.streams[1].const_data_ptr<T>(),
-          rows.streams[2].const_data_ptr<T>(), rows.streams[3].const_data_ptr<T>(),
-          pred.mutable_data_ptr<T>(), target.mutable_data_ptr<T>(), rows.ptrs, rows.D, L.chunk,
-          L.nchunks);
+      auto launch = [&](auto GC) {
+        residual_kernel<T, V, decltype(GC)::value><<<L.grid, kThreads, 0, stream>>>(
+            rows.streams[0].const_data_ptr<T>(), rows.streams[1].const_data_ptr<T>(),
+            rows.streams[2].const_data_ptr<T>(), rows.streams[3].const_data_ptr<T>(), gg,
+            pred.mutable_data_ptr<T>(), target.mutable_data_ptr<T>(), rows.ptrs, rows.D,
+            L.chunk, L.nchunks);
+      };
+      if (gg) launch(std::true_type{});
+      else launch(std::false_type{});
       STD_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -286,20 +298,27 @@ void cuda_loss(const Rows& rows, int norm, double huber_c, bool grad, Tensor& lo
   PID_DISPATCH_FLOATS(rows.streams[0].scalar_type(), "pid_fast::loss", [&] {
     using T = scalar_t;
     const int vec = grad ? pick_vec<T>(rows, {d1, d2}) : pick_vec<T>(rows, {});
+    const T* gg = has_guide(rows) ? rows.streams[4].const_data_ptr<T>() : nullptr;
     with_vec<T>(vec, [&](auto VC) {
       constexpr int V = decltype(VC)::value;
       const Launch L = plan(rows, V);
       Tensor partial = empty_1d(loss, rows.B * L.nchunks, ScalarType::Float);
-      auto launch = [&](auto NC, auto GC) {
-        loss_kernel<T, V, decltype(NC)::value, decltype(GC)::value><<<L.grid, kThreads, 0, stream>>>(
-            rows.streams[0].const_data_ptr<T>(), rows.streams[1].const_data_ptr<T>(),
-            rows.streams[2].const_data_ptr<T>(), rows.streams[3].const_data_ptr<T>(),
-            grad ? d1.mutable_data_ptr<T>() : nullptr, grad ? d2.mutable_data_ptr<T>() : nullptr,
-            partial.mutable_data_ptr<float>(), rows.ptrs, rows.D, L.chunk, L.nchunks);
+      auto launch = [&](auto NC, auto GC, auto GUIDEDC) {
+        loss_kernel<T, V, decltype(NC)::value, decltype(GC)::value, decltype(GUIDEDC)::value>
+            <<<L.grid, kThreads, 0, stream>>>(
+                rows.streams[0].const_data_ptr<T>(), rows.streams[1].const_data_ptr<T>(),
+                rows.streams[2].const_data_ptr<T>(), rows.streams[3].const_data_ptr<T>(), gg,
+                grad ? d1.mutable_data_ptr<T>() : nullptr,
+                grad ? d2.mutable_data_ptr<T>() : nullptr, partial.mutable_data_ptr<float>(),
+                rows.ptrs, rows.D, L.chunk, L.nchunks);
+      };
+      auto by_guide = [&](auto N, auto GC) {
+        if (gg) launch(N, GC, std::true_type{});
+        else launch(N, GC, std::false_type{});
       };
       auto by_grad = [&](auto N) {
-        if (grad) launch(N, std::true_type{});
-        else launch(N, std::false_type{});
+        if (grad) by_guide(N, std::true_type{});
+        else by_guide(N, std::false_type{});
       };
       if (norm == kL2) by_grad(std::integral_constant<int, kL2>{});
       else if (norm == kL1) by_grad(std::integral_constant<int, kL1>{});

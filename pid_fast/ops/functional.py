@@ -137,57 +137,87 @@ def pid_assemble(noise, f, a, b, c_in, *, out_dtype: Optional[torch.dtype] = Non
 
 
 def pid_residual(noise, f_t, f_t2, teacher_out, t, t2, c_skip, c_out, *, sigma_max=80.0,
-                 a1=None, b1=None, a2=None, b2=None, backend: Optional[str] = None,
-                 validate: bool = True):
+                 a1=None, b1=None, a2=None, b2=None, guide_out=None, guide_scale=None,
+                 backend: Optional[str] = None, validate: bool = True):
     """pred = y - t (y - y2)/(t - t2) and target = c_skip y + c_out G (detached), for a norm
-    computed by another network (LPIPS). Gradients of pred flow to ``f_t`` and ``f_t2``."""
-    noise, f_t, f_t2, teacher_out, coefs, backend, sigma_max = _prepare(
-        noise, f_t, f_t2, teacher_out, t, t2, c_skip, c_out, sigma_max, a1, b1, a2, b2, backend,
-        validate)
+    computed by another network (LPIPS). Gradients of pred flow to ``f_t`` and ``f_t2``.
+    ``guide_out``, ``guide_scale``: a guided teacher, as in :func:`pid_loss`."""
+    noise, f_t, f_t2, teacher_out, guide_out, coefs, guide_scale, backend, sigma_max = _prepare(
+        noise, f_t, f_t2, teacher_out, t, t2, c_skip, c_out, sigma_max, a1, b1, a2, b2,
+        guide_out, guide_scale, backend, validate)
     if backend == "reference":
         return reference.residual_ref(noise, f_t, f_t2, teacher_out,
-                                      *_with_boundary_coefficients(coefs, sigma_max))
-    return op_namespace(backend).residual(noise, f_t, f_t2, teacher_out, *coefs, sigma_max)
+                                      *_with_boundary_coefficients(coefs, sigma_max),
+                                      guide_out, guide_scale)
+    return op_namespace(backend).residual(noise, f_t, f_t2, teacher_out, *coefs, sigma_max,
+                                          guide_out, guide_scale)
 
 
 def pid_loss(noise, f_t, f_t2, teacher_out, t, t2, c_skip, c_out, *, sigma_max=80.0, norm="l2",
              huber_c=None, weight=None, backend: Optional[str] = None, a1=None, b1=None,
-             a2=None, b2=None, validate: bool = True) -> torch.Tensor:
+             a2=None, b2=None, guide_out=None, guide_scale=None,
+             validate: bool = True) -> torch.Tensor:
     """The PID loss per sample, float32 (B,), differentiable w.r.t. ``f_t`` and ``f_t2``.
 
     noise: n = T z, (B, ...); f_t, f_t2: the student's raw outputs F at t and t2;
     teacher_out: the teacher's raw output G at (y, t); t, t2, c_skip, c_out, weight: (B,).
     The student is x = a n + b F with a = t/sigma_max, b = 1 - a unless a1, b1, a2, b2 are
     given. norm: "l2", "l1" or "huber" (pseudo-Huber with constant ``huber_c``).
+    guide_out, guide_scale: a guided teacher D_w = D_g + w (D_m - D_g) (classifier-free
+    guidance, autoguidance): guide_out is the guide's raw output G_g at (y, t) (shape of
+    teacher_out, which is then the main teacher's G_m), guide_scale the per-sample w, (B,) or a
+    number; the target becomes c_skip y + c_out (w G_m + (1 - w) G_g), formed inside the
+    kernel. w = 1 gives the unguided loss exactly. Neither teacher output gets a gradient.
     ``validate=False`` skips the t != t2 check (a host sync on CUDA).
     """
     huber_c = check_norm(norm, huber_c)
-    noise, f_t, f_t2, teacher_out, coefs, backend, sigma_max = _prepare(
-        noise, f_t, f_t2, teacher_out, t, t2, c_skip, c_out, sigma_max, a1, b1, a2, b2, backend,
-        validate)
+    noise, f_t, f_t2, teacher_out, guide_out, coefs, guide_scale, backend, sigma_max = _prepare(
+        noise, f_t, f_t2, teacher_out, t, t2, c_skip, c_out, sigma_max, a1, b1, a2, b2,
+        guide_out, guide_scale, backend, validate)
     weight = _per_sample("weight", weight, noise.shape[0], noise.device, required=False)
     if backend == "reference":
         return reference.loss_ref(noise, f_t, f_t2, teacher_out,
                                   *_with_boundary_coefficients(coefs, sigma_max),
-                                  norm, huber_c or None, weight)
+                                  norm, huber_c or None, weight, guide_out, guide_scale)
     need_grad = torch.is_grad_enabled() and (f_t.requires_grad or f_t2.requires_grad)
-    loss, _, _, _ = op_namespace(backend).loss(noise, f_t, f_t2, teacher_out, *coefs, weight, sigma_max,
-                                       FUSED_NORMS[norm], huber_c, need_grad)
+    loss, _, _, _ = op_namespace(backend).loss(noise, f_t, f_t2, teacher_out, *coefs, weight,
+                                               sigma_max, FUSED_NORMS[norm], huber_c, need_grad,
+                                               guide_out, guide_scale)
     return loss
 
 
+def _check_guide(guide_out, guide_scale, teacher_out):
+    """guide_out and guide_scale come together: a guided teacher needs both."""
+    if guide_out is None and guide_scale is None:
+        return
+    if guide_out is None:
+        raise ValueError("guide_scale was given without guide_out (the guide teacher's raw "
+                         "output, shaped like teacher_out)")
+    if guide_scale is None:
+        raise ValueError("guide_out was given without guide_scale (the guidance scale w, a "
+                         "number or a per-sample (B,) tensor)")
+    _check_stream("guide_out", guide_out, "teacher_out", teacher_out)
+
+
 def _prepare(noise, f_t, f_t2, teacher_out, t, t2, c_skip, c_out, sigma_max, a1, b1, a2, b2,
-             backend, validate):
+             guide_out, guide_scale, backend, validate):
     _check_stream("noise", noise)
     for name, x in (("f_t", f_t), ("f_t2", f_t2), ("teacher_out", teacher_out)):
         _check_stream(name, x, "noise", noise)
+    _check_guide(guide_out, guide_scale, teacher_out)
     sigma_max = _check_sigma_max(sigma_max)
     backend = resolve_backend(backend, noise.device)
     coefs = _coefs(noise, t, t2, c_skip, c_out, a1, b1, a2, b2, sigma_max)
+    guide_scale = _per_sample("guide_scale", guide_scale, noise.shape[0], noise.device,
+                              required=False)
     _check_times(coefs[0], coefs[1], validate)
-    streams = _promote({"noise": noise, "f_t": f_t, "f_t2": f_t2, "teacher_out": teacher_out},
-                       backend)
-    return (*streams, coefs, backend, sigma_max)
+    streams = {"noise": noise, "f_t": f_t, "f_t2": f_t2, "teacher_out": teacher_out}
+    if guide_out is not None:
+        streams["guide_out"] = guide_out
+    streams = _promote(streams, backend)
+    if guide_out is None:
+        streams.append(None)
+    return (*streams, coefs, guide_scale, backend, sigma_max)
 
 
 def _with_boundary_coefficients(coefs, sigma_max):

@@ -43,14 +43,20 @@ def _fake_assemble(noise, f, a, b, c_in, out_dtype=None):
     return rows_like([noise, f], noise.dtype), rows_like([noise, f], out_dtype or noise.dtype)
 
 
-def _fake_residual(noise, f_t, f_t2, teacher_out, t, t2, a1, b1, a2, b2, c_skip, c_out, sigma_max):
-    streams = [noise, f_t, f_t2, teacher_out]
+def _pid_streams(noise, f_t, f_t2, teacher_out, guide_out):
+    """The streams whose layout the outputs follow (the guide's too when there is one)."""
+    return [noise, f_t, f_t2, teacher_out] + ([guide_out] if guide_out is not None else [])
+
+
+def _fake_residual(noise, f_t, f_t2, teacher_out, t, t2, a1, b1, a2, b2, c_skip, c_out, sigma_max,
+                   guide_out=None, guide_scale=None):
+    streams = _pid_streams(noise, f_t, f_t2, teacher_out, guide_out)
     return rows_like(streams, noise.dtype), rows_like(streams, noise.dtype)
 
 
 def _fake_loss(noise, f_t, f_t2, teacher_out, t, t2, a1, b1, a2, b2, c_skip, c_out, weight,
-               sigma_max, norm, huber_c, need_grad):
-    streams = [noise, f_t, f_t2, teacher_out]
+               sigma_max, norm, huber_c, need_grad, guide_out=None, guide_scale=None):
+    streams = _pid_streams(noise, f_t, f_t2, teacher_out, guide_out)
     B = noise.shape[0]
     loss = noise.new_empty((B,), dtype=torch.float32)
     scale = noise.new_empty((B if need_grad else 0,), dtype=torch.float32)
@@ -90,8 +96,11 @@ def register_autograd(ns: str) -> None:
         g_f = scale_rows(g_x, b) if g_x is not None and ctx.needs_input_grad[1] else None
         return None, g_f, None, None, None, None
 
+    # Inputs after need_grad / sigma_max (the optional guide_out, guide_scale) get no gradient:
+    # the target, guided or not, is detached. Backwards return one entry per input.
     def residual_setup(ctx, inputs, output):
         ctx.mark_non_differentiable(output[1])  # the target is detached
+        ctx.num_inputs = len(inputs)
         t, t2, a1, b1, a2, b2 = inputs[4:10]
         ctx.save_for_backward(*_per_row_derivatives(t, t2, a1, b1, a2, b2, inputs[12]))
 
@@ -100,11 +109,12 @@ def register_autograd(ns: str) -> None:
         # The target is detached: only pred carries gradient, to F(t) and F(t2).
         g1 = scale_rows(g_pred, s1) if g_pred is not None and ctx.needs_input_grad[1] else None
         g2 = scale_rows(g_pred, s2) if g_pred is not None and ctx.needs_input_grad[2] else None
-        return (None, g1, g2) + (None,) * 10
+        return (None, g1, g2) + (None,) * (ctx.num_inputs - 3)
 
     def loss_setup(ctx, inputs, output):
         _, scale, d1, d2 = output
         ctx.mark_non_differentiable(scale, d1, d2)
+        ctx.num_inputs = len(inputs)
         ctx.need_grad = inputs[16]
         if ctx.need_grad:
             ctx.save_for_backward(scale, d1, d2)
@@ -115,12 +125,13 @@ def register_autograd(ns: str) -> None:
         if ctx.need_grad:
             scale, d1, d2 = ctx.saved_tensors
         else:
-            _, scale, d1, d2 = getattr(torch.ops, ns).loss(*ctx.inputs[:16], True)
+            _, scale, d1, d2 = getattr(torch.ops, ns).loss(*ctx.inputs[:16], True,
+                                                           *ctx.inputs[17:])
         g_loss = g_loss.float()
         # dL_b/dF = g_b * factor_b * dir (dir written by the forward pass).
         g1 = scale_rows(d1, g_loss, scale) if ctx.needs_input_grad[1] else None
         g2 = scale_rows(d2, g_loss, scale) if ctx.needs_input_grad[2] else None
-        return (None, g1, g2) + (None,) * 14
+        return (None, g1, g2) + (None,) * (ctx.num_inputs - 3)
 
     torch.library.register_autograd(f"{ns}::assemble", assemble_backward,
                                     setup_context=assemble_setup)

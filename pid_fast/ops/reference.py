@@ -41,13 +41,29 @@ def assemble_ref(noise, f, a, b, c_in, out_dtype=None):
     return x.to(f.dtype), x_in
 
 
-def residual_ref(noise, f_t, f_t2, teacher_out, t, t2, a1, b1, a2, b2, c_skip, c_out):
+def guided_output(teacher_out, guide_out, guide_scale):
+    """The guided teacher's raw output G_w = w G_m + (1 - w) G_g (= G_g + w (G_m - G_g)), so
+    that with shared c_skip, c_out the denoiser is D_w = D_g + w (D_m - D_g).
+
+    Written as w G_m + (1 - w) G_g so that w = 1 gives G_m and w = 0 gives G_g exactly."""
+    w = _rows(guide_scale, teacher_out).to(teacher_out.dtype)
+    return w * teacher_out + (1 - w) * guide_out.to(teacher_out.dtype)
+
+
+def residual_ref(noise, f_t, f_t2, teacher_out, t, t2, a1, b1, a2, b2, c_skip, c_out,
+                 guide_out=None, guide_scale=None):
     """pred = y - t dy/dt with dy/dt = (y - y2)/(t - t2), and target = c_skip y + c_out G.
 
-    The target carries no gradient (neither through the teacher nor through its input y).
+    With a guide (guide_out G_g and its per-sample scale w, both or neither) G is the guided
+    G_w = w G_m + (1 - w) G_g, G_m = teacher_out. The target carries no gradient (neither
+    through the teachers nor through their input y).
     """
+    if (guide_out is None) != (guide_scale is None):
+        raise ValueError("give guide_out and guide_scale together or neither")
     cd = _compute_dtype(noise, f_t, f_t2, teacher_out)
     n, g = noise.to(cd), teacher_out.to(cd)
+    if guide_out is not None:
+        g = guided_output(g, guide_out.to(cd), guide_scale)
     t, t2 = _rows(t, f_t).to(cd), _rows(t2, f_t).to(cd)
     y = _rows(a1, f_t).to(cd) * n + _rows(b1, f_t).to(cd) * f_t.to(cd)
     y2 = _rows(a2, f_t).to(cd) * n + _rows(b2, f_t).to(cd) * f_t2.to(cd)
@@ -74,10 +90,14 @@ def reduce_ref(pred, target, norm="l2", huber_c=None, weight=None):
 
 
 def loss_ref(noise, f_t, f_t2, teacher_out, t, t2, a1, b1, a2, b2, c_skip, c_out,
-             norm="l2", huber_c=None, weight=None):
+             norm="l2", huber_c=None, weight=None, guide_out=None, guide_scale=None):
     """The PID loss per sample: reduce(residual(...)), evaluated without rounding pred/target
-    to the storage dtype in between (the fused kernels keep them in float32 registers)."""
+    to the storage dtype in between (the fused kernels keep them in float32 registers).
+    guide_out, guide_scale: the guided teacher, as in residual_ref."""
     cd = _compute_dtype(noise, f_t, f_t2, teacher_out)
     up = [x.to(cd) for x in (noise, f_t, f_t2, teacher_out)]
-    pred, target = residual_ref(*up, t, t2, a1, b1, a2, b2, c_skip, c_out)
+    if guide_out is not None:
+        guide_out = guide_out.to(cd)
+    pred, target = residual_ref(*up, t, t2, a1, b1, a2, b2, c_skip, c_out, guide_out,
+                                guide_scale)
     return reduce_ref(pred, target, norm, huber_c, weight)

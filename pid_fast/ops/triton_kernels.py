@@ -21,9 +21,11 @@ NS = "pid_fast_triton"
 
 
 @triton.jit
-def _row_coefs(row, t_ptr, t2_ptr, a1_ptr, b1_ptr, a2_ptr, b2_ptr, cs_ptr, co_ptr, sigma_max,
-               HAS_AB: tl.constexpr):
-    # pred = pn n + p1 F1 + p2 F2, target = tn n + t1 F1 + tg G  (see csrc/pid_math.h)
+def _row_coefs(row, t_ptr, t2_ptr, a1_ptr, b1_ptr, a2_ptr, b2_ptr, cs_ptr, co_ptr, gs_ptr,
+               sigma_max, HAS_AB: tl.constexpr, HAS_GUIDE: tl.constexpr):
+    # pred = pn n + p1 F1 + p2 F2, target = tn n + t1 F1 + tg G (+ tgg Gg with a guide:
+    # tg = c_out w, tgg = c_out (1 - w), formed in float64 so w = 1 gives tgg = 0 exactly;
+    # see csrc/pid_math.h)
     t = tl.load(t_ptr + row).to(tl.float64)
     t2 = tl.load(t2_ptr + row).to(tl.float64)
     if HAS_AB:
@@ -43,8 +45,15 @@ def _row_coefs(row, t_ptr, t2_ptr, a1_ptr, b1_ptr, a2_ptr, b2_ptr, cs_ptr, co_pt
     p2 = (k * b2).to(tl.float32)
     tn = (cs * a1).to(tl.float32)
     t1 = (cs * b1).to(tl.float32)
-    tg = tl.load(co_ptr + row).to(tl.float32)
-    return pn, p1, p2, tn, t1, tg
+    if HAS_GUIDE:
+        co = tl.load(co_ptr + row).to(tl.float64)
+        w = tl.load(gs_ptr + row).to(tl.float64)
+        tg = (co * w).to(tl.float32)
+        tgg = (co * (1.0 - w)).to(tl.float32)
+    else:
+        tg = tl.load(co_ptr + row).to(tl.float32)
+        tgg = 0.0
+    return pn, p1, p2, tn, t1, tg, tgg
 
 
 @triton.jit
@@ -74,36 +83,43 @@ def _assemble_kernel(n_ptr, f_ptr, a_ptr, b_ptr, c_ptr, x_ptr, xi_ptr, D, BLOCK:
 
 
 @triton.jit
-def _residual_kernel(n_ptr, f1_ptr, f2_ptr, g_ptr, pred_ptr, target_ptr,
-                     t_ptr, t2_ptr, a1_ptr, b1_ptr, a2_ptr, b2_ptr, cs_ptr, co_ptr, sigma_max,
-                     D, HAS_AB: tl.constexpr, BLOCK: tl.constexpr):
+def _residual_kernel(n_ptr, f1_ptr, f2_ptr, g_ptr, gg_ptr, pred_ptr, target_ptr,
+                     t_ptr, t2_ptr, a1_ptr, b1_ptr, a2_ptr, b2_ptr, cs_ptr, co_ptr, gs_ptr,
+                     sigma_max, D, HAS_AB: tl.constexpr, HAS_GUIDE: tl.constexpr,
+                     BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < D
     idx = row * D + offs
-    pn, p1, p2, tn, t1, tg = _row_coefs(row, t_ptr, t2_ptr, a1_ptr, b1_ptr, a2_ptr, b2_ptr,
-                                        cs_ptr, co_ptr, sigma_max, HAS_AB)
+    pn, p1, p2, tn, t1, tg, tgg = _row_coefs(row, t_ptr, t2_ptr, a1_ptr, b1_ptr, a2_ptr, b2_ptr,
+                                             cs_ptr, co_ptr, gs_ptr, sigma_max, HAS_AB,
+                                             HAS_GUIDE)
     n, f1, f2, g = _load_streams(n_ptr, f1_ptr, f2_ptr, g_ptr, idx, mask)
     pred = pn * n + p1 * f1 + p2 * f2
     target = tn * n + t1 * f1 + tg * g
+    if HAS_GUIDE:  # the guide's term last: w = 1 (tgg = 0) leaves the target unchanged
+        target += tgg * tl.load(gg_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     tl.store(pred_ptr + idx, pred.to(pred_ptr.dtype.element_ty), mask=mask)
     tl.store(target_ptr + idx, target.to(target_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _loss_kernel(n_ptr, f1_ptr, f2_ptr, g_ptr, d1_ptr, d2_ptr, partial_ptr,
-                 t_ptr, t2_ptr, a1_ptr, b1_ptr, a2_ptr, b2_ptr, cs_ptr, co_ptr, sigma_max,
-                 D, nchunks, HAS_AB: tl.constexpr, NORM: tl.constexpr, GRAD: tl.constexpr,
-                 BLOCK: tl.constexpr):
+def _loss_kernel(n_ptr, f1_ptr, f2_ptr, g_ptr, gg_ptr, d1_ptr, d2_ptr, partial_ptr,
+                 t_ptr, t2_ptr, a1_ptr, b1_ptr, a2_ptr, b2_ptr, cs_ptr, co_ptr, gs_ptr,
+                 sigma_max, D, nchunks, HAS_AB: tl.constexpr, HAS_GUIDE: tl.constexpr,
+                 NORM: tl.constexpr, GRAD: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     ch = tl.program_id(1).to(tl.int64)
     offs = ch * BLOCK + tl.arange(0, BLOCK)
     mask = offs < D
     idx = row * D + offs
-    pn, p1, p2, tn, t1, tg = _row_coefs(row, t_ptr, t2_ptr, a1_ptr, b1_ptr, a2_ptr, b2_ptr,
-                                        cs_ptr, co_ptr, sigma_max, HAS_AB)
+    pn, p1, p2, tn, t1, tg, tgg = _row_coefs(row, t_ptr, t2_ptr, a1_ptr, b1_ptr, a2_ptr, b2_ptr,
+                                             cs_ptr, co_ptr, gs_ptr, sigma_max, HAS_AB,
+                                             HAS_GUIDE)
     n, f1, f2, g = _load_streams(n_ptr, f1_ptr, f2_ptr, g_ptr, idx, mask)
     r = (pn - tn) * n + (p1 - t1) * f1 + p2 * f2 - tg * g  # masked lanes: r = 0
+    if HAS_GUIDE:  # the guide's term last: w = 1 (tgg = 0) leaves r unchanged
+        r -= tgg * tl.load(gg_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     if NORM == 1:  # l1: |r|, direction sign(r)
         term = tl.abs(r)
         direction = tl.where(r > 0, 1.0, tl.where(r < 0, -1.0, 0.0))
@@ -206,6 +222,23 @@ def _coef(op, name, v, B, device):
     return v.to(torch.float32).contiguous()
 
 
+def _guide(op, guide_out, guide_scale, teacher_out):
+    """The guide stream's (name, tensor) and its checked scale; both or neither."""
+    if (guide_out is None) != (guide_scale is None):
+        raise ValueError(f"{op}: give guide_out and guide_scale together or neither")
+    if guide_out is None:
+        return [], None
+    if (guide_out.shape != teacher_out.shape or guide_out.dtype != teacher_out.dtype
+            or guide_out.device != teacher_out.device):
+        raise ValueError(f"{op}: guide_out ({tuple(guide_out.shape)}, {guide_out.dtype}, "
+                         f"{guide_out.device}) must match teacher_out "
+                         f"({tuple(teacher_out.shape)}, {teacher_out.dtype}, "
+                         f"{teacher_out.device})")
+    B = teacher_out.shape[0] if teacher_out.dim() else 0
+    return [("guide_out", guide_out)], _coef(op, "guide_scale", guide_scale, B,
+                                              teacher_out.device)
+
+
 def _pid_coefs(op, B, device, t, t2, a1, b1, a2, b2, c_skip, c_out):
     ab = [a1, b1, a2, b2]
     if any(v is not None for v in ab) and not all(v is not None for v in ab):
@@ -239,26 +272,33 @@ def assemble(noise: T, f: T, a: T, b: T, c_in: T,
 
 @triton_op(f"{NS}::residual", mutates_args=())
 def residual(noise: T, f_t: T, f_t2: T, teacher_out: T, t: T, t2: T, a1: OptT, b1: OptT,
-             a2: OptT, b2: OptT, c_skip: T, c_out: T, sigma_max: float) -> tuple[T, T]:
+             a2: OptT, b2: OptT, c_skip: T, c_out: T, sigma_max: float,
+             guide_out: OptT = None, guide_scale: OptT = None) -> tuple[T, T]:
+    guide, gs = _guide("residual", guide_out, guide_scale, teacher_out)
     streams, B, D = _streams("residual", [("noise", noise), ("f_t", f_t), ("f_t2", f_t2),
-                                          ("teacher_out", teacher_out)])
+                                          ("teacher_out", teacher_out)] + guide)
     coefs, has_ab = _pid_coefs("residual", B, noise.device, t, t2, a1, b1, a2, b2, c_skip, c_out)
     pred = library.rows_like(streams, streams[0].dtype)
     target = library.rows_like(streams, streams[0].dtype)
+    has_guide = gs is not None
+    main, gg = streams[:4], (streams[4] if has_guide else streams[3])  # unused pointer: G
     if B > 0:
         _launch(_residual_kernel)[(B, triton.cdiv(D, _BLOCK))](
-            *streams, pred, target, *coefs, sigma_max, D, HAS_AB=has_ab, BLOCK=_BLOCK)
+            *main, gg, pred, target, *coefs, gs if has_guide else coefs[0], sigma_max, D,
+            HAS_AB=has_ab, HAS_GUIDE=has_guide, BLOCK=_BLOCK)
     return pred, target
 
 
 @triton_op(f"{NS}::loss", mutates_args=())
 def loss(noise: T, f_t: T, f_t2: T, teacher_out: T, t: T, t2: T, a1: OptT, b1: OptT, a2: OptT,
          b2: OptT, c_skip: T, c_out: T, weight: OptT, sigma_max: float, norm: int,
-         huber_c: float, need_grad: bool) -> tuple[T, T, T, T]:
+         huber_c: float, need_grad: bool, guide_out: OptT = None,
+         guide_scale: OptT = None) -> tuple[T, T, T, T]:
     if norm not in (0, 1, 2) or (norm == 2 and not huber_c > 0):
         raise ValueError(f"loss: bad norm {norm} / huber_c {huber_c}")
+    guide, gs = _guide("loss", guide_out, guide_scale, teacher_out)
     streams, B, D = _streams("loss", [("noise", noise), ("f_t", f_t), ("f_t2", f_t2),
-                                      ("teacher_out", teacher_out)])
+                                      ("teacher_out", teacher_out)] + guide)
     dev = noise.device
     coefs, has_ab = _pid_coefs("loss", B, dev, t, t2, a1, b1, a2, b2, c_skip, c_out)
     w = _coef("loss", "weight", weight, B, dev)
@@ -271,9 +311,12 @@ def loss(noise: T, f_t: T, f_t2: T, teacher_out: T, t: T, t2: T, a1: OptT, b1: O
     else:
         d1, d2 = noise.new_empty((0,)), noise.new_empty((0,))
     if B > 0:
+        has_guide = gs is not None
+        gg = streams[4] if has_guide else streams[3]  # unused pointer without a guide: G
         _launch(_loss_kernel)[(B, nchunks)](
-            *streams, d1 if need_grad else out, d2 if need_grad else out, partial, *coefs,
-            sigma_max, D, nchunks, HAS_AB=has_ab, NORM=norm, GRAD=need_grad, BLOCK=_BLOCK)
+            *streams[:4], gg, d1 if need_grad else out, d2 if need_grad else out, partial,
+            *coefs, gs if has_guide else coefs[0], sigma_max, D, nchunks, HAS_AB=has_ab,
+            HAS_GUIDE=has_guide, NORM=norm, GRAD=need_grad, BLOCK=_BLOCK)
         chunks = triton.next_power_of_2(nchunks)
         rows = max(1, min(_ROWS, 8192 // chunks))
         _launch(_finalize_kernel)[(triton.cdiv(B, rows),)](

@@ -30,34 +30,37 @@ def device_of(backend):
     return "cuda" if backend == "cuda" or (backend == "triton" and HAS_CUDA) else "cpu"
 
 
-def truth(case, norm, huber_c, weight=True):
-    """Loss and gradients of the float64 reference on the case's inputs."""
+def truth(case, norm, huber_c, weight=True, guide=None):
+    """Loss and gradients of the float64 reference on the case's inputs (guide: an optional
+    (guide_out, guide_scale) pair, the guided teacher)."""
     up = [x.detach().cpu().double().requires_grad_(i in (1, 2))
           for i, x in enumerate(case.streams())]
     t, t2, c_skip, c_out, w = (v.cpu().double() for v in (*case.coefs(), case.weight))
     a1, b1 = reference.boundary_coefficients(t, case.sigma_max)
     a2, b2 = reference.boundary_coefficients(t2, case.sigma_max)
+    g_out, g_scale = (None, None) if guide is None else (x.cpu().double() for x in guide)
     loss = reference.loss_ref(*up, t, t2, a1, b1, a2, b2, c_skip, c_out, norm, huber_c,
-                              w if weight else None)
+                              w if weight else None, g_out, g_scale)
     g_out = torch.linspace(0.5, 1.5, loss.shape[0], dtype=torch.float64)
     loss.backward(g_out)
     return loss.detach(), up[1].grad, up[2].grad, g_out
 
 
-def run_loss(case, backend, norm, huber_c, g_out, weight=True):
+def run_loss(case, backend, norm, huber_c, g_out, weight=True, guide=None):
     f_t = case.f_t.detach().requires_grad_()
     f_t2 = case.f_t2.detach().requires_grad_()
+    guide_kw = {} if guide is None else dict(guide_out=guide[0], guide_scale=guide[1])
     loss = pid_fast.pid_loss(case.noise, f_t, f_t2, case.teacher_out, case.t, case.t2,
                              case.c_skip, case.c_out, sigma_max=case.sigma_max, norm=norm,
                              huber_c=huber_c, weight=case.weight if weight else None,
-                             backend=backend)
+                             backend=backend, **guide_kw)
     loss.backward(g_out.to(loss))
     return loss.detach(), f_t.grad, f_t2.grad
 
 
-def check_loss(case, backend, norm="l2", huber_c=None, weight=True):
-    ref_loss, ref_g1, ref_g2, g_out = truth(case, norm, huber_c, weight)
-    loss, g1, g2 = run_loss(case, backend, norm, huber_c, g_out.to(case.t.device), weight)
+def check_loss(case, backend, norm="l2", huber_c=None, weight=True, guide=None):
+    ref_loss, ref_g1, ref_g2, g_out = truth(case, norm, huber_c, weight, guide)
+    loss, g1, g2 = run_loss(case, backend, norm, huber_c, g_out.to(case.t.device), weight, guide)
     assert loss.dtype == torch.float32 and loss.shape == (case.noise.shape[0],)
     assert g1.dtype == case.f_t.dtype and g1.shape == case.f_t.shape
     tol = STORE_TOL[case.f_t.dtype]
@@ -113,10 +116,11 @@ def test_channels_last_layout_is_kept_without_copies(backend):
        dtype=st.sampled_from(DTYPES), norm=st.sampled_from(NORMS),
        layout=st.sampled_from(["contiguous", "strided", "mixed"]),
        index=st.one_of(st.none(), st.sampled_from([0, 1, 248, 249])),
-       weight=st.booleans(), seed=st.integers(0, 2**16))
-def test_cpu_random_shapes(B, inner, dtype, norm, layout, index, weight, seed):
+       weight=st.booleans(), guided=st.booleans(), seed=st.integers(0, 2**16))
+def test_cpu_random_shapes(B, inner, dtype, norm, layout, index, weight, guided, seed):
     case = make_case((B, *inner), dtype, "cpu", layout=layout, index=index, seed=seed)
-    check_loss(case, "cpu", *norm, weight=weight)
+    guide = make_guide(case, layout=layout, seed=seed) if guided else None
+    check_loss(case, "cpu", *norm, weight=weight, guide=guide)
 
 
 @pytest.mark.triton
@@ -396,3 +400,285 @@ def test_backward_through_retained_graph_twice():
     (g_ref,) = torch.autograd.grad(ref, f_t)
     assert torch.equal(g1, g2)  # the saved gradient directions are not consumed
     assert rel_err(g1, g_ref) < STORE_TOL[torch.float32]
+
+
+# --- guided teachers: target = c_skip y + c_out (w G_m + (1 - w) G_g) ------------------------
+
+def make_guide(case, layout="contiguous", seed=0, scale=None):
+    """A guide teacher's output G_g shaped, typed and laid out like the case's teacher_out, and
+    per-sample guidance scales w (default: spread over [-0.5, 3.5], 1 and 0 included)."""
+    shape, dtype, device = case.noise.shape, case.noise.dtype, case.noise.device
+    guide_out = make_case(shape, dtype, device, layout=layout, seed=seed + 1000).teacher_out
+    if scale is None:
+        B = shape[0]
+        scale = torch.tensor([1.0, 0.0, 2.5, -0.5, 3.5, 1.5, 0.25, 7.5])[torch.arange(B) % 8]
+    elif not isinstance(scale, torch.Tensor):
+        scale = torch.full((shape[0],), float(scale))
+    return guide_out, scale.to(device)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("norm,huber_c", NORMS)
+def test_guided_loss_matches_reference(backend, dtype, norm, huber_c):
+    case = make_case((5, 3, 5, 7), dtype, device_of(backend), seed=21)
+    check_loss(case, backend, norm, huber_c, guide=make_guide(case, seed=21))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("layout", ["strided", "channels_last", "mixed"])
+def test_guided_non_contiguous_inputs(backend, layout):
+    case = make_case((4, 3, 5, 6), torch.bfloat16, device_of(backend), layout=layout, seed=22)
+    guide = make_guide(case, layout=layout, seed=22)
+    assert not guide[0].is_contiguous()
+    check_loss(case, backend, "huber", 0.03, guide=guide)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("norm,huber_c", NORMS)
+def test_guided_last_grid_index_where_t2_exceeds_t(backend, norm, huber_c):
+    case = make_case((4, 2, 5, 3), torch.float32, device_of(backend), index=249, seed=23)
+    assert bool((case.t2 > case.t).all())
+    check_loss(case, backend, norm, huber_c, guide=make_guide(case, seed=23))
+
+
+def test_guided_rows_longer_than_one_chunk():
+    case = make_case((2, 3, 64, 64), torch.float32, "cpu", seed=24)
+    check_loss(case, "cpu", "l2", guide=make_guide(case, seed=24, scale=2.0))
+
+
+def residual_truth(case, guide):
+    """pred, target and the gradients of sum(pred * g) from the float64 reference."""
+    up = [x.detach().cpu().double().requires_grad_(i in (1, 2))
+          for i, x in enumerate(case.streams())]
+    t, t2, c_skip, c_out = (v.cpu().double() for v in case.coefs())
+    a1, b1 = reference.boundary_coefficients(t, case.sigma_max)
+    a2, b2 = reference.boundary_coefficients(t2, case.sigma_max)
+    rp, rt = reference.residual_ref(*up, t, t2, a1, b1, a2, b2, c_skip, c_out,
+                                    *(x.cpu().double() for x in guide))
+    g = torch.randn(rp.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    (rp * g).sum().backward()
+    return rp, rt, up[1].grad, up[2].grad, g
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("index", [None, 249])
+def test_guided_residual_matches_reference(backend, dtype, index):
+    case = make_case((4, 3, 5, 6), dtype, device_of(backend), index=index, seed=25)
+    guide = make_guide(case, seed=25)
+    f_t = case.f_t.detach().requires_grad_()
+    f_t2 = case.f_t2.detach().requires_grad_()
+    pred, target = pid_fast.pid_residual(case.noise, f_t, f_t2, case.teacher_out, *case.coefs(),
+                                         guide_out=guide[0], guide_scale=guide[1],
+                                         backend=backend)
+    rp, rt, rg1, rg2, g = residual_truth(case, guide)
+    tol = STORE_TOL[dtype]
+    assert pred.dtype == dtype and target.dtype == dtype
+    assert rel_err(pred.cpu(), rp) < tol and rel_err(target.cpu(), rt) < tol
+    assert not target.requires_grad
+    (pred.cpu().double() * g).sum().backward()
+    assert rel_err(f_t.grad.cpu(), rg1) < tol
+    assert rel_err(f_t2.grad.cpu(), rg2) < tol
+
+
+def test_guided_target_is_the_guided_teacher():
+    # The reference itself against the issue's formula D_w = D_g + w (D_m - D_g), D = c_skip y
+    # + c_out G, written out independently in float64.
+    case = make_case((3, 2, 4), torch.float64, "cpu", seed=26)
+    guide_out, w = make_guide(case, seed=26)
+    t, t2, c_skip, c_out = case.coefs()
+    a1, b1 = reference.boundary_coefficients(t, 80.0)
+    a2, b2 = reference.boundary_coefficients(t2, 80.0)
+    _, target = reference.residual_ref(*case.streams(), t, t2, a1, b1, a2, b2, c_skip, c_out,
+                                       guide_out, w.double())
+    col = lambda v: v.double()[:, None, None]  # noqa: E731
+    y = col(a1) * case.noise + col(b1) * case.f_t
+    d_main = col(c_skip) * y + col(c_out) * case.teacher_out
+    d_guide = col(c_skip) * y + col(c_out) * guide_out
+    torch.testing.assert_close(target, d_guide + col(w) * (d_main - d_guide), rtol=1e-12, atol=1e-12)
+
+
+GUIDED_EXACT_BACKENDS = ["reference", *CPU_BACKENDS]
+
+
+def loss_and_grads(case, backend, **kw):
+    f_t = case.f_t.detach().requires_grad_()
+    f_t2 = case.f_t2.detach().requires_grad_()
+    loss = pid_fast.pid_loss(case.noise, f_t, f_t2, kw.pop("teacher_out", case.teacher_out),
+                             *case.coefs(), weight=case.weight, backend=backend, **kw)
+    loss.backward(torch.linspace(0.5, 1.5, loss.shape[0], device=loss.device))
+    return loss.detach(), f_t.grad, f_t2.grad
+
+
+def residual_of(case, backend, **kw):
+    return pid_fast.pid_residual(case.noise, case.f_t, case.f_t2,
+                                 kw.pop("teacher_out", case.teacher_out), *case.coefs(),
+                                 backend=backend, **kw)
+
+
+def assert_all_equal(xs, ys):
+    for x, y in zip(xs, ys):
+        assert torch.equal(x, y), float((x.double() - y.double()).abs().max())
+
+
+@pytest.mark.parametrize("backend", GUIDED_EXACT_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("norm,huber_c", NORMS)
+def test_guide_scale_one_equals_unguided_exactly(backend, dtype, norm, huber_c):
+    # w = 1: c_out w = c_out and c_out (1 - w) = 0 exactly, so the guided op is the unguided
+    # one bit for bit (loss, both gradients, pred and target).
+    case = make_case((3, 2, 5, 3), dtype, device_of(backend), seed=27)
+    guide_out, w = make_guide(case, seed=27, scale=1.0)
+    guided = loss_and_grads(case, backend, norm=norm, huber_c=huber_c, guide_out=guide_out,
+                            guide_scale=w)
+    assert_all_equal(guided, loss_and_grads(case, backend, norm=norm, huber_c=huber_c))
+    assert_all_equal(residual_of(case, backend, guide_out=guide_out, guide_scale=1.0),
+                     residual_of(case, backend))
+
+
+@pytest.mark.parametrize("backend", GUIDED_EXACT_BACKENDS)
+def test_guide_scale_zero_equals_the_guide_alone(backend):
+    # w = 0: the guide teacher alone, i.e. the unguided op with teacher_out = guide_out.
+    case = make_case((3, 2, 5, 3), torch.float32, device_of(backend), seed=28)
+    guide_out, _ = make_guide(case, seed=28)
+    guided = loss_and_grads(case, backend, norm="huber", huber_c=0.05, guide_out=guide_out,
+                            guide_scale=0.0)
+    alone = loss_and_grads(case, backend, norm="huber", huber_c=0.05, teacher_out=guide_out)
+    assert_all_equal(guided, alone)
+    assert_all_equal(residual_of(case, backend, guide_out=guide_out, guide_scale=0.0),
+                     residual_of(case, backend, teacher_out=guide_out))
+
+
+@pytest.mark.parametrize("backend", GUIDED_EXACT_BACKENDS)
+def test_guided_teacher_outputs_get_no_gradient(backend):
+    case = make_case((3, 2, 4), torch.float32, device_of(backend), seed=29)
+    guide_out, w = make_guide(case, seed=29)
+    guide_out = guide_out.detach().requires_grad_()
+    teacher_out = case.teacher_out.detach().requires_grad_()
+    f_t = case.f_t.detach().requires_grad_()
+    loss = pid_fast.pid_loss(case.noise, f_t, case.f_t2, teacher_out, *case.coefs(),
+                             guide_out=guide_out, guide_scale=w, backend=backend)
+    loss.sum().backward()
+    assert guide_out.grad is None and teacher_out.grad is None
+    assert f_t.grad is not None and float(f_t.grad.abs().max()) > 0
+
+
+def test_guided_mixed_input_dtypes_are_promoted():
+    case = make_case((2, 3, 4), torch.float32, "cpu", seed=30)
+    guide_out, w = make_guide(case, seed=30)
+    loss = pid_fast.pid_loss(*case.streams(), *case.coefs(), guide_out=guide_out.to(torch.bfloat16),
+                             guide_scale=w.double(), backend="cpu")
+    ref = pid_fast.pid_loss(*case.streams(), *case.coefs(),
+                            guide_out=guide_out.to(torch.bfloat16).float(), guide_scale=w,
+                            backend="reference")
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_guided_scalar_scale_broadcasts():
+    case = make_case((3, 4), torch.float32, "cpu", seed=31)
+    guide_out, _ = make_guide(case, seed=31)
+    l_num = pid_fast.pid_loss(*case.streams(), *case.coefs(), guide_out=guide_out,
+                              guide_scale=2.0, backend="cpu")
+    l_vec = pid_fast.pid_loss(*case.streams(), *case.coefs(), guide_out=guide_out,
+                              guide_scale=torch.full((3,), 2.0), backend="cpu")
+    l_0d = pid_fast.pid_loss(*case.streams(), *case.coefs(), guide_out=guide_out,
+                             guide_scale=torch.tensor(2.0), backend="cpu")
+    assert torch.equal(l_num, l_vec) and torch.equal(l_num, l_0d)
+
+
+def guided_op_args(case, need_grad, guide_out, guide_scale):
+    return (*op_args(case, need_grad), guide_out, guide_scale)
+
+
+@pytest.mark.parametrize("ns", ["pid_fast", pytest.param("pid_fast_triton", marks=pytest.mark.triton)])
+def test_guided_opcheck(ns):
+    from pid_fast.ops import triton_kernels  # noqa: F401
+    ops = getattr(torch.ops, ns)
+    case = make_case((3, 2, 4, 4), torch.float32, "cuda" if HAS_CUDA else "cpu", seed=32)
+    guide_out, w = make_guide(case, seed=32)
+    f_t = case.f_t.detach().requires_grad_()
+    f_t2 = case.f_t2.detach().requires_grad_()
+    streams = (case.noise, f_t, f_t2, case.teacher_out)
+    utils = ["test_schema", "test_autograd_registration", "test_faketensor",
+             "test_aot_dispatch_dynamic"]
+    if ns == "pid_fast_triton" and not HAS_CUDA:
+        utils.remove("test_aot_dispatch_dynamic")  # see test_opcheck
+    for need_grad in (True, False):
+        torch.library.opcheck(ops.loss, (*streams, *guided_op_args(case, need_grad, guide_out, w)[4:]),
+                              test_utils=utils)
+    torch.library.opcheck(ops.residual, (*streams, case.t, case.t2, None, None, None, None,
+                                         case.c_skip, case.c_out, 80.0, guide_out, w),
+                          test_utils=utils)
+
+
+def test_guided_torch_compile():
+    case = make_case((4, 3, 8, 8), torch.float32, "cpu", seed=33)
+    guide_out, w = make_guide(case, seed=33)
+    check_compiled_matches_eager(case, "aot_eager", weight=case.weight, guide_out=guide_out,
+                                 guide_scale=w, backend="cpu")
+
+
+def test_guided_op_without_grad_recomputes_in_backward():
+    # Called with need_grad=False yet differentiated: the backward recomputes with the guide.
+    case = make_case((3, 2, 4), torch.float32, "cpu", seed=34)
+    guide_out, w = make_guide(case, seed=34)
+    f_t = case.f_t.detach().requires_grad_()
+    args = list(guided_op_args(case, False, guide_out, w))
+    args[1] = f_t
+    loss = torch.ops.pid_fast.loss(*args)[0]
+    (g,) = torch.autograd.grad(loss.sum(), f_t)
+    ref = pid_fast.pid_loss(case.noise, f_t, case.f_t2, case.teacher_out, *case.coefs(),
+                            weight=case.weight, norm="huber", huber_c=0.05, guide_out=guide_out,
+                            guide_scale=w, backend="reference")
+    (g_ref,) = torch.autograd.grad(ref.sum(), f_t)
+    assert rel_err(g, g_ref) < STORE_TOL[torch.float32]
+
+
+@pytest.mark.parametrize("changes,error,match", [
+    (dict(guide_out=torch.randn(3, 2, 4)), ValueError, "guide_out was given without guide_scale"),
+    (dict(guide_scale=2.0), ValueError, "guide_scale was given without guide_out"),
+    (dict(guide_out=torch.randn(3, 2, 5), guide_scale=2.0), ValueError,
+     r"guide_out has shape \(3, 2, 5\) but teacher_out has shape"),
+    (dict(guide_out=torch.randn(3, 2, 4, device="meta"), guide_scale=2.0), ValueError,
+     "guide_out is on meta"),
+    (dict(guide_out=torch.ones(3, 2, 4, dtype=torch.int32), guide_scale=2.0), TypeError,
+     "guide_out must be a floating"),
+    (dict(guide_out="x", guide_scale=2.0), TypeError, "guide_out must be a torch.Tensor"),
+    (dict(guide_out=torch.randn(3, 2, 4), guide_scale=torch.rand(2)), ValueError,
+     r"guide_scale must be a per-sample vector of shape \(3,\)"),
+    (dict(guide_out=torch.randn(3, 2, 4), guide_scale=torch.ones(3, dtype=torch.int64)),
+     TypeError, "guide_scale must be a floating"),
+    (dict(guide_out=torch.randn(3, 2, 4), guide_scale=True), TypeError,
+     "guide_scale must be a tensor of shape"),
+    (dict(guide_out=torch.randn(3, 2, 4), guide_scale=torch.rand(3, device="meta")), ValueError,
+     "guide_scale is on meta"),
+])
+@pytest.mark.parametrize("fn", ["pid_loss", "pid_residual"])
+def test_guided_bad_input_names_the_argument(changes, error, match, fn):
+    kw = bad(**changes)
+    if fn == "pid_residual":
+        kw.pop("norm", None)
+    with pytest.raises(error, match=match):
+        getattr(pid_fast, fn)(**kw)
+
+
+@pytest.mark.parametrize("ns", ["pid_fast", pytest.param("pid_fast_triton", marks=pytest.mark.triton)])
+def test_guided_direct_op_calls_with_bad_input_raise(ns):
+    from pid_fast.ops import triton_kernels  # noqa: F401
+    ops = getattr(torch.ops, ns)
+    case = make_case((3, 2, 4), torch.float32, "cpu", seed=35)
+    guide_out, w = make_guide(case, seed=35)
+    base = op_args(case, True)
+    res = (*case.streams(), case.t, case.t2, None, None, None, None, case.c_skip, case.c_out, 80.0)
+    for op, args in ((ops.loss, base), (ops.residual, res)):
+        with pytest.raises((RuntimeError, ValueError), match="guide_scale"):
+            op(*args, guide_out, None)
+        with pytest.raises((RuntimeError, ValueError), match="guide_out"):
+            op(*args, None, w)
+        with pytest.raises((RuntimeError, ValueError), match="guide_out"):
+            op(*args, guide_out.to(torch.bfloat16), w)
+        with pytest.raises((RuntimeError, ValueError), match="guide_out"):
+            op(*args, guide_out[:, :1], w)
+        with pytest.raises((RuntimeError, ValueError), match="guide_scale"):
+            op(*args, guide_out, w[:2])
