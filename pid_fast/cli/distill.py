@@ -224,7 +224,7 @@ def sample(paths, num, seed_start, batch, weights, class_label, device, vae, tea
         return
     checkpoint = paths[0]
     if not os.path.exists(checkpoint):
-        raise click.BadParameter(f"no such file or folder: {checkpoint!r}", param_hint="CHECKPOINT")
+        raise click.BadParameter(f"Path {checkpoint!r} does not exist.", param_hint="'CHECKPOINT'")
     from pid_fast.eval.checkpoints import load_scored_student
     from pid_fast.train import generate
 
