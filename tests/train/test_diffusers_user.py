@@ -25,6 +25,7 @@ diffusers = pytest.importorskip("diffusers")
 from test_diffusers_teacher import _config, _error, save_teacher  # noqa: E402
 
 from pid_fast.cli import main  # noqa: E402
+from pid_fast.demo.digits import DEFAULT_FEATURES  # noqa: E402
 from pid_fast.sampling import seeded_latents  # noqa: E402
 from pid_fast.train import build_student, build_teacher, load_student, resolve_config, train  # noqa: E402
 from pid_fast.train.builders import resolve_sigma_range  # noqa: E402
@@ -251,11 +252,11 @@ def _export(tmp_path, num_class_embeds=None):
     res = runner.invoke(main, ["export-diffusers", str(run), str(out), "--weights", "model"])
     assert res.exit_code == 0, res.output
     assert "DiffusionPipeline.from_pretrained" in res.output
-    return out, np.load(tmp_path / "s.npz")
+    return out, np.load(tmp_path / "s.npz"), folder, run
 
 
 def test_the_exported_folder_is_a_one_step_diffusers_pipeline(tmp_path):
-    out, samples = _export(tmp_path, num_class_embeds=3)
+    out, samples, _, _ = _export(tmp_path, num_class_embeds=3)
     assert {"model_index.json", "pipeline_pid_one_step.py", "unet", "pid_one_step.json"} <= set(os.listdir(out))
     pipe = diffusers.DiffusionPipeline.from_pretrained(out, trust_remote_code=True)
     assert type(pipe).__name__ == "PIDOneStepPipeline"
@@ -275,7 +276,7 @@ def test_the_exported_folder_is_a_one_step_diffusers_pipeline(tmp_path):
 def test_the_readme_export_snippet_runs(tmp_path):
     """The README's export snippet (the python block after its marker) with OUT an exported
     unconditional student: its images are `pid-fast sample`'s."""
-    out, samples = _export(tmp_path)
+    out, samples, folder, run = _export(tmp_path)
     text = open(README).read()
     match = re.search(r"<!-- export-diffusers snippet -->\s*```python\n(.*?)```", text, re.S)
     assert match, "README: no python block after <!-- export-diffusers snippet -->"
@@ -286,3 +287,13 @@ def test_the_readme_export_snippet_runs(tmp_path):
     assert len(images) == 4 and images[0].size == (16, 16)
     pixels = np.stack([np.asarray(image, dtype=np.float64) for image in images]) / 255 * 2 - 1
     assert np.abs(pixels - samples["x"][:, 0]).max() <= 1.01 / 255 * 2  # PIL's uint8 rounding
+    # The distance to the teacher: the run's samples against the teacher's (diffusers') samples.
+    if os.path.isfile(DEFAULT_FEATURES):
+        runner = CliRunner()
+        res = runner.invoke(main, ["sample", "--teacher", folder, str(tmp_path / "teacher.npz"), "--num", "12",
+                                   "--steps", "3"])
+        assert res.exit_code == 0, res.output
+        res = runner.invoke(main, ["fid", str(run), "--features", "digits", "--ref", str(tmp_path / "teacher.npz"),
+                                   "--num", "12", "--batch", "12", "--weights", "model"])
+        assert res.exit_code == 0, res.output
+        assert np.isfinite(float(res.output.strip().split()[-1]))
