@@ -234,7 +234,7 @@ def rank_gradients(rank, world):
 LOOP = dict(steps=20, batch_size=8, lr=1e-3, ema_halflife_images=40)
 
 
-def dropin_worker(rank, world, port, out_dir, teacher_path, marker, snapshot_steps):
+def dropin_worker(rank, world, port, out_dir, teacher_path, marker, snapshot_steps, loop=None):
     """One 2-process run for the tests: the DDP gradient check, then the EDM-shaped loop."""
     init_process(rank, world, port)
     try:
@@ -242,7 +242,7 @@ def dropin_worker(rank, world, port, out_dir, teacher_path, marker, snapshot_ste
         loss_kwargs = dict(class_name="pid_fast.integrations.edm.EDMPIDLoss", teacher=teacher_path,
                            allow_unknown_source=True)  # the stand-in's module_src is not EDM's released one
         losses, snapshots, ema = training_loop(out_dir, loss_kwargs=loss_kwargs, marker=marker,
-                                               snapshot_steps=snapshot_steps, **LOOP)
+                                               snapshot_steps=snapshot_steps, **(loop or LOOP))
         if rank == 0:
             torch.save(dict(losses=losses, snapshots=snapshots, ema=ema.model.state_dict()),
                        os.path.join(out_dir, "loop-result.pt"))
