@@ -29,6 +29,8 @@ MOVED = {
     "pid_fast.plots": "pid_fast.eval.plots",
     "pid_fast.lpips_norm": "pid_fast.eval.lpips",
     "pid_fast.digits": "pid_fast.demo.digits",
+    "pid_fast.demo.data": "pid_fast.data.digits",
+    "pid_fast.demo.classifier": "pid_fast.eval.digits",
     "pid_fast.train_cli": "pid_fast.cli.distill",
     "pid_fast.eval_cli": ("pid_fast.cli.evaluate", "pid_fast.cli.demo"),
 }

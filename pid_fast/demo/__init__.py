@@ -2,11 +2,11 @@
 
     run.py             run_demo: baselines -> distill -> score -> report, and the result table
     settings.py        the demo's recipe (DEMO_DEFAULTS), its trainer config, a run's checked settings
-    data.py            the 1797 digits as 16x16 images in [-1, 1], the fixed split, shift augmentation
     teacher.py         the digits teacher: EDM's loss, its training loop (pid-fast train-teacher), loader
-    classifier.py      the digits classifier whose features define the digits FD (pid-fast train-features)
-    files.py           the bundled files' paths (pid_fast/assets/), atomic safetensors writes, recipes
+    files.py           the bundled teachers' paths (pid_fast.data.assets re-exported)
     digits.py          the old single-module names (data + teacher + classifier + files), re-exported
+The digits data is pid_fast.data.digits and the digits classifier (the FD's features,
+pid-fast train-features) pid_fast.eval.digits: below the demo, so the evaluation needs no demo.
     analytic_sweep.py  PID against the Gaussian-mixture teacher: one-step error vs N, exactly
 """
 

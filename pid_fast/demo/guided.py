@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from pid_fast.checks import check_int
-from pid_fast.demo.classifier import load_classifier
+from pid_fast.eval.digits import load_classifier
 from pid_fast.demo.files import DEFAULT_CONDITIONAL_TEACHER, DEFAULT_FEATURES
 from pid_fast.demo.settings import DEMO_DEFAULTS, demo_config
 from pid_fast.demo.teacher import NUM_CLASSES, load_digits_teacher

@@ -4,7 +4,7 @@
 
 1. ``baselines``: the teacher's EDM Heun sampler with 18 steps (35 network evaluations) and a
    single Euler step on fixed seeds, and the real digits; their digits FD / KID against the
-   1797 real digits (features of the bundled digits classifier, ``pid_fast.demo.classifier``).
+   1797 real digits (features of the bundled digits classifier, ``pid_fast.eval.digits``).
 2. ``distill``: PID-distil a one-step student from the teacher with ``pid_fast.train.train``
    (the same trainer as ``pid-fast distill``), in chunks; after each chunk the student's
    one-step FD is measured, so the run also yields an FD-over-training curve, and a time
@@ -29,7 +29,7 @@ import torch
 
 import pid_fast.demo.analytic_sweep as analytic_sweep
 from pid_fast.checks import check_int, check_positive
-from pid_fast.demo.data import load_digits
+from pid_fast.data.digits import load_digits
 from pid_fast.demo.files import DEFAULT_FEATURES, DEFAULT_TEACHER
 from pid_fast.demo.settings import DEMO_DEFAULTS, DemoRun, demo_config
 from pid_fast.demo.teacher import load_digits_teacher

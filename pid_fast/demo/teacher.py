@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from pid_fast.checks import check_int, check_positive
-from pid_fast.demo.data import DIGITS_RESOLUTION, load_digits, random_shift
+from pid_fast.data.digits import DIGITS_RESOLUTION, load_digits, random_shift
 
 NUM_CLASSES = 10  # the digits
 from pid_fast.demo.files import DEFAULT_TEACHER, RECIPE_KEY, missing_file

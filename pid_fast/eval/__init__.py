@@ -1,6 +1,7 @@
 """Evaluation of students and teachers.
 
     metrics.py      Frechet distance / KID (clean-fid), Inception and digits features, image folders
+    digits.py       the digits classifier whose features define the digits FD (pid-fast train-features)
     checkpoints.py  which weights to score (the 'auto' EMA rule) and scoring every checkpoint x weight set
     images.py       tensors in [-1, 1] to uint8, PNG grids and folders (Pillow)
     plots.py        loss curve, FD over training, FD against N, sample comparisons (matplotlib)

@@ -1,6 +1,6 @@
 """The digits feature network (``pid-fast train-features``): a 4-conv classifier trained on the
 digits; its 64-d penultimate layer is the feature space of the digits Frechet distance
-(``pid_fast.eval.metrics``), as Inception's pool3 is for FID."""
+(``pid_fast.eval.metrics``), as Inception's pool3 is for FID. (Formerly ``pid_fast.demo.classifier``.)"""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pid_fast.checks import check_int, check_positive
-from pid_fast.demo.data import DIGITS_RESOLUTION, digits_split, load_digits, random_shift
-from pid_fast.demo.files import CLASSIFIER_FORMAT, DEFAULT_FEATURES, RECIPE_KEY, missing_file, write_weights
+from pid_fast.data.assets import CLASSIFIER_FORMAT, DEFAULT_FEATURES, RECIPE_KEY, missing_file, write_weights
+from pid_fast.data.digits import DIGITS_RESOLUTION, digits_split, load_digits, random_shift
 from pid_fast.io import read_checkpoint_metadata
 from pid_fast.io.safetensors_io import CONFIG_METADATA_KEY as CONFIG_KEY
 from pid_fast.io.safetensors_io import FORMAT_METADATA_KEY as FORMAT_KEY

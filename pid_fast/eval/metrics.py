@@ -1,7 +1,7 @@
 """Quality metrics: Frechet distance and KID through clean-fid's own functions
 (``cleanfid.fid.frechet_distance``, ``cleanfid.fid.kernel_distance``), on features from
 
-- the bundled digits feature network (``pid_fast.demo.classifier.DigitsClassifier``): the offline
+- the bundled digits feature network (``pid_fast.eval.digits.DigitsClassifier``): the offline
   "digits FD" of the embedded default and of ``pid-fast demo``;
 - clean-fid's ``legacy_tensorflow`` Inception (the TF-ported Inception-v3 torchscript file
   ``inception-2015-12-05.pt``, which resizes to 299x299 inside, as TF did), read from a local
@@ -128,7 +128,7 @@ class DigitsFeatures:
     -> [B, 64]. Images are clamped to [-1, 1] first (as one-step samples are)."""
 
     def __init__(self, path: Optional[str | os.PathLike] = None, device: str | torch.device = "cpu"):
-        from pid_fast.demo.classifier import load_classifier  # the feature net lives with the demo
+        from pid_fast.eval.digits import load_classifier
 
         self.device = torch.device(device)
         self.model = load_classifier(path, device=self.device)
@@ -145,7 +145,7 @@ class DigitsFeatures:
 def digits_reference_features(extractor: Optional[DigitsFeatures] = None) -> np.ndarray:
     """Features of all 1797 digits images (the reference set of the digits FD), computed once
     per extractor."""
-    from pid_fast.demo.data import load_digits
+    from pid_fast.data.digits import load_digits
 
     extractor = extractor or DigitsFeatures()
     if getattr(extractor, "_reference", None) is None:

@@ -266,7 +266,7 @@ def load_teacher_with_config(path: str | os.PathLike, *, key: str = "ema", devic
 
     The weights are checked against the config and loaded strictly. `name` is how error
     messages call the path (e.g. 'teacher.path')."""
-    from pid_fast.models.preconditioning import build_denoiser
+    from pid_fast.models.networks import build_denoiser
 
     path = os.fspath(path)
     if not os.path.isfile(path):

@@ -26,12 +26,13 @@ from torch import nn
 from pid_fast.models.layers import (Conv2d, FourierEmbedding, GroupNorm, Linear,  # noqa: F401
                                     PositionalEmbedding, UNetBlock, weight_init)
 from pid_fast.models.edm2 import EDM2UNet
+from pid_fast.models.preconditioning import PRECONDITIONINGS, Preconditioning
 from pid_fast.models.unets import DhariwalUNet, SongUNet
 
 __all__ = [
     "weight_init", "Linear", "Conv2d", "GroupNorm", "UNetBlock", "PositionalEmbedding",
     "FourierEmbedding", "SongUNet", "DhariwalUNet", "EDM2UNet", "NETWORK_CONFIGS", "MODEL_TYPES",
-    "network_config", "build_network", "count_parameters",
+    "network_config", "build_network", "build_denoiser", "count_parameters",
 ]
 
 # ----------------------------------------------------------------------------------------
@@ -125,3 +126,24 @@ def build_network(config: str | Mapping[str, Any], device: torch.device | str | 
 def count_parameters(module: nn.Module) -> int:
     """Number of scalar parameters (buffers excluded)."""
     return sum(p.numel() for p in module.parameters())
+
+
+def build_denoiser(config: Mapping[str, Any], device: torch.device | str | None = None) -> Preconditioning:
+    """A preconditioned network from a teacher config
+    {'precond': 'edm'|'vp'|'ve', 'use_fp16': ..., <precond kwargs>, 'network': {network config}},
+    the format written by `pid_fast.io`. Weights are freshly initialised."""
+    if not isinstance(config, Mapping):
+        raise TypeError(f"build_denoiser: config must be a mapping, got {type(config).__name__}")
+    config = dict(config)
+    name = config.pop("precond", None)
+    if name not in PRECONDITIONINGS:
+        raise ValueError(f"build_denoiser: config['precond'] must be one of {sorted(PRECONDITIONINGS)}, "
+                         f"got {name!r}")
+    network = config.pop("network", None)
+    if not isinstance(network, Mapping):
+        raise ValueError("build_denoiser: config['network'] must be a network config mapping")
+    model = build_network(network, device=device)
+    try:
+        return PRECONDITIONINGS[name](model, label_dim=int(network.get("label_dim", 0)), **config)
+    except TypeError as exc:
+        raise ValueError(f"build_denoiser: invalid options for precond {name!r}: {exc}") from exc

@@ -22,7 +22,7 @@ from torch import nn
 __all__ = [
     "Coefficients", "StudentCoefficients", "Denoiser", "Preconditioning", "EDMPrecond", "VPPrecond",
     "VEPrecond", "DirectDenoiser", "FunctionDenoiser", "GaussianDenoiser", "PRECONDITIONINGS", "as_denoiser",
-    "build_denoiser", "sigma_vector", "edm_coefficients", "student_coefficients", "edm_preconditioning",
+    "sigma_vector", "edm_coefficients", "student_coefficients", "edm_preconditioning",
     "declared_sigma_data",
 ]
 
@@ -417,29 +417,6 @@ def as_denoiser(obj: Any, *, precond: str | None = None, label_dim: int = 0, **p
     if precond not in PRECONDITIONINGS:
         raise ValueError(f"as_denoiser: precond must be one of {sorted(PRECONDITIONINGS)}, got {precond!r}")
     return PRECONDITIONINGS[precond](obj, label_dim=label_dim, **precond_kwargs)
-
-
-def build_denoiser(config: Mapping[str, Any], device: torch.device | str | None = None) -> Preconditioning:
-    """A preconditioned network from a teacher config
-    {'precond': 'edm'|'vp'|'ve', 'use_fp16': ..., <precond kwargs>, 'network': {network config}},
-    the format written by `pid_fast.io`. Weights are freshly initialised."""
-    from pid_fast.models.networks import build_network
-
-    if not isinstance(config, Mapping):
-        raise TypeError(f"build_denoiser: config must be a mapping, got {type(config).__name__}")
-    config = dict(config)
-    name = config.pop("precond", None)
-    if name not in PRECONDITIONINGS:
-        raise ValueError(f"build_denoiser: config['precond'] must be one of {sorted(PRECONDITIONINGS)}, "
-                         f"got {name!r}")
-    network = config.pop("network", None)
-    if not isinstance(network, Mapping):
-        raise ValueError("build_denoiser: config['network'] must be a network config mapping")
-    model = build_network(network, device=device)
-    try:
-        return PRECONDITIONINGS[name](model, label_dim=int(network.get("label_dim", 0)), **config)
-    except TypeError as exc:
-        raise ValueError(f"build_denoiser: invalid options for precond {name!r}: {exc}") from exc
 
 
 def _check_batch(x: Any, who: str) -> torch.Tensor:

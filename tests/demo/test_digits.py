@@ -6,7 +6,8 @@ import os
 import pytest
 import torch
 
-from pid_fast.demo import data, digits
+from pid_fast.data import digits as data
+from pid_fast.demo import digits
 from pid_fast.models.preconditioning import EDMPrecond
 
 
@@ -34,9 +35,12 @@ def test_load_digits_shape_range_and_values():
 
 
 def test_digits_module_re_exports_the_split_modules():
-    """pid_fast.demo.digits (and the legacy pid_fast.digits) hands out the objects of data.py,
-    teacher.py, classifier.py and files.py; the bundled files live in pid_fast/assets/."""
-    from pid_fast.demo import classifier, files, teacher
+    """pid_fast.demo.digits (and the legacy pid_fast.digits) hands out the objects of
+    pid_fast.data.digits, demo/teacher.py, pid_fast.eval.digits and pid_fast.data.assets; the bundled
+    files live in pid_fast/assets/."""
+    from pid_fast.data import assets as files
+    from pid_fast.demo import teacher
+    from pid_fast.eval import digits as classifier
 
     assert all(hasattr(digits, name) for name in digits.__all__)
     assert digits.load_digits is data.load_digits and digits.train_teacher is teacher.train_teacher

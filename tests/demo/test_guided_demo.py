@@ -56,7 +56,7 @@ def test_conditional_teacher_takes_labels(tiny_conditional):
 
 
 def test_guided_scores_of_the_reference_itself(monkeypatch):
-    from pid_fast.demo.classifier import DigitsClassifier
+    from pid_fast.eval.digits import DigitsClassifier
 
     class Features:
         def features(self, x):

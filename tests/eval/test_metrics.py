@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
+from pid_fast.data.assets import DEFAULT_FEATURES
+from pid_fast.data.digits import load_digits
 from pid_fast.eval import metrics
-from pid_fast.demo.data import load_digits
-from pid_fast.demo.files import DEFAULT_FEATURES
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py

@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 
-from pid_fast.models.networks import build_network, network_config
+from pid_fast.models.networks import build_denoiser, build_network, network_config
 from pid_fast.models.preconditioning import (Coefficients, Denoiser, EDMPrecond, FunctionDenoiser, GaussianDenoiser,
-                                      Preconditioning, VEPrecond, VPPrecond, as_denoiser, build_denoiser,
-                                      sigma_vector, student_coefficients)
+                                      Preconditioning, VEPrecond, VPPrecond, as_denoiser, sigma_vector,
+                                      student_coefficients)
 
 
 class RecordingNet(torch.nn.Module):
