@@ -32,6 +32,9 @@ Schedulers (``DiffusersDenoiser.from_scheduler`` / ``denoiser_from_scheduler``):
   the terminal step has no finite sigma, so the sigma <-> timestep table and the trained range stop
   at the step before it (K-2); samplers on the scheduler's own grid (``scheduler_grid``) still start
   at the terminal timestep with diffusers' stand-in alphas_cumprod 2**-24, as its Euler scheduler does.
+- continuous time labels (EulerDiscreteScheduler with timestep_type="continuous" and v_prediction,
+  e.g. CosXL-style models): the UNet's timestep is ln(sigma) / 4 instead of the step index
+  (``log_sigma_timesteps``); the coefficients and trained range are the discrete schedule's.
 - EDM-parametrised schedules (EDMEulerScheduler, EDMDPMSolverMultistepScheduler, e.g. Playground
   v2.5): ``DiffusersEDMDenoiser``, D = c_skip x + c_out F(c_in x, ln(sigma) / 4) with the scheduler's
   sigma_data, c_skip = sd^2 / (sigma^2 + sd^2), c_in = 1 / sqrt(sigma^2 + sd^2) and
@@ -247,6 +250,12 @@ def _scheduler_config(scheduler: Any) -> dict:
     return {**{k: _plain(v) for k, v in dict(config).items()}, "_class_name": type(scheduler).__name__}
 
 
+def _continuous_timesteps(config: Mapping[str, Any]) -> bool:
+    """EulerDiscreteScheduler's timestep_type 'continuous' (with v_prediction, where it applies):
+    the UNet's timestep is ln(sigma) / 4."""
+    return config.get("timestep_type") == "continuous" and config.get("prediction_type") == "v_prediction"
+
+
 def _zero_terminal_snr(scheduler: Any) -> bool:
     return bool(getattr(scheduler, "config", {}).get("rescale_betas_zero_snr", False))
 
@@ -298,11 +307,14 @@ class DiffusersDenoiser(Preconditioning):
     def __init__(self, model: nn.Module, alphas_cumprod: Any, prediction_type: str = "epsilon", *,
                  timestep_rounding: Optional[str] = None, sigma_min: Optional[float] = None,
                  sigma_max: Optional[float] = None, sigma_data: float = 0.5,
-                 scheduler_config: Optional[Mapping[str, Any]] = None):
+                 scheduler_config: Optional[Mapping[str, Any]] = None, log_sigma_timesteps: bool = False):
         model = self._wrap(model)
         super().__init__(model, label_dim=model.label_dim)
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+        if log_sigma_timesteps and model.integer_timesteps:
+            raise ValueError("timestep_type: a UNet with learned (lookup-table) time embeddings takes integer "
+                             "timesteps, not continuous ones (ln(sigma) / 4)")
         if timestep_rounding is None:
             timestep_rounding = "nearest" if model.integer_timesteps else "interpolate"
         if model.integer_timesteps and timestep_rounding != "nearest":
@@ -316,6 +328,7 @@ class DiffusersDenoiser(Preconditioning):
         self.sigma_max = float(self.timesteps.sigmas[-1] if sigma_max is None else sigma_max)
         self.sigma_data = float(sigma_data)
         self.scheduler_config = None if scheduler_config is None else dict(scheduler_config)
+        self.log_sigma_timesteps = bool(log_sigma_timesteps)
 
     @staticmethod
     def _wrap(model: nn.Module) -> "DiffusersUNet":
@@ -331,6 +344,8 @@ class DiffusersDenoiser(Preconditioning):
         ab = scheduler_alphas_cumprod(scheduler)
         kwargs.setdefault("prediction_type", scheduler.config["prediction_type"])
         kwargs.setdefault("scheduler_config", _scheduler_config(scheduler))
+        # EulerDiscreteScheduler feeds ln(sigma) / 4 as the timestep in this setting only
+        kwargs.setdefault("log_sigma_timesteps", _continuous_timesteps(scheduler.config))
         return cls(unet, ab, **kwargs)
 
     def pid_sigma_range(self) -> tuple[float, float]:
@@ -346,10 +361,11 @@ class DiffusersDenoiser(Preconditioning):
             c_skip, c_out = c_in.square(), -sigma * c_in
         else:
             c_skip, c_out = torch.zeros_like(sigma), one
-        return Coefficients(c_skip=c_skip, c_out=c_out, c_in=c_in, c_noise=self.timesteps(sigma).to(sigma.dtype))
+        c_noise = sigma.log() / 4 if self.log_sigma_timesteps else self.timesteps(sigma).to(sigma.dtype)
+        return Coefficients(c_skip=c_skip, c_out=c_out, c_in=c_in, c_noise=c_noise)
 
     def round_sigma(self, sigma: Any) -> torch.Tensor:
-        if self.timestep_rounding == "nearest":
+        if self.timestep_rounding == "nearest" and not self.log_sigma_timesteps:
             return self.timesteps.nearest_sigma(sigma)
         return torch.as_tensor(sigma)
 
@@ -383,6 +399,8 @@ class DiffusersDenoiser(Preconditioning):
 
     def noise_rule(self) -> dict:
         """The student's time-label rule, JSON-able (the checkpoint's 'noise_rule')."""
+        if self.log_sigma_timesteps:  # EDM's label ln(t) / 4
+            return {"precond": "edm"}
         return {"precond": "diffusers", "alphas_cumprod": list(self.alphas_cumprod),
                 "timestep_rounding": self.timestep_rounding}
 
@@ -411,7 +429,7 @@ class DiffusersEDMDenoiser(DiffusersDenoiser):
         if not (math.isfinite(sigma_data) and sigma_data > 0):
             raise ValueError(f"sigma_data: must be a positive number, got {sigma_data!r}")
         self.prediction_type = prediction_type
-        self.timestep_rounding = "interpolate"
+        self.timestep_rounding, self.log_sigma_timesteps = "interpolate", True
         self.sigma_data, self.sigma_min, self.sigma_max = float(sigma_data), float(sigma_min), float(sigma_max)
         self.scheduler_config = None if scheduler_config is None else dict(scheduler_config)
 
@@ -482,6 +500,8 @@ def scheduler_grid(scheduler_config: Mapping[str, Any], num_steps: int, solver: 
     if name == "HeunDiscreteScheduler":  # [s0, s1, s1, ..., s_K-1, s_K-1, end], [t0, t1, t1, ...]
         sigmas = torch.cat([sigmas[:1], sigmas[1:-1:2], sigmas[-1:]])
         timesteps = torch.cat([timesteps[:1], timesteps[1::2]])
+    if _continuous_timesteps(scheduler_config) and name != "EulerDiscreteScheduler":
+        timesteps = sigmas[:-1].log() / 4  # only Euler has timestep_type; the UNet takes ln(sigma) / 4
     if sigmas.numel() != num_steps + 1 or timesteps.numel() != num_steps:
         raise ValueError(f"scheduler: {name}.set_timesteps({num_steps}) gave {sigmas.numel()} sigmas and "
                          f"{timesteps.numel()} timesteps; expected {num_steps + 1} and {num_steps}")

@@ -94,6 +94,30 @@ def test_scheduler_grid_follows_the_config_and_labels(options):
     assert rel_rmse(mine, reference) < TOLERANCE
 
 
+@pytest.mark.parametrize("solver", ["euler", "heun"])
+def test_continuous_timesteps_feed_log_sigma(solver):
+    """EulerDiscreteScheduler(timestep_type='continuous', v_prediction): the UNet's timestep is
+    ln(sigma) / 4; D, the noise rule and the samples follow (Heun: on Euler's sigmas' labels)."""
+    unet = tiny_unet()
+    config = diffusers.EulerDiscreteScheduler(prediction_type="v_prediction", timestep_type="continuous").config
+    teacher = denoiser_from_scheduler(unet, diffusers.EulerDiscreteScheduler.from_config(config))
+    assert teacher.log_sigma_timesteps and teacher.noise_rule() == {"precond": "edm"}
+    x, sigma = 2.0 * latents(), 1.7
+    with torch.no_grad():
+        v = unet(x / math.sqrt(1 + sigma ** 2), torch.tensor([math.log(sigma) / 4])).sample
+        torch.testing.assert_close(teacher(x, sigma), x / (1 + sigma ** 2) - sigma / math.sqrt(1 + sigma ** 2) * v,
+                                   rtol=1e-5, atol=1e-5)
+    z = latents()
+    with torch.no_grad():
+        mine = ode_sample(teacher, z, solver=solver, num_steps=5, grid="scheduler")
+    if solver == "euler":
+        reference = diffusers_samples(unet, diffusers.EulerDiscreteScheduler.from_config(config), z, 5)
+        assert rel_rmse(mine, reference) < TOLERANCE
+    else:
+        grid = scheduler_grid(dict(config), 5, "heun")
+        torch.testing.assert_close(grid["timesteps"], grid["sigmas"][:-1].log() / 4)
+
+
 def test_heun_clamps_the_denoised_sample_as_the_schedulers_clip_sample_says():
     """DDPMScheduler's default clip_sample=True carries over to HeunDiscreteScheduler, which clamps
     its x0 prediction; grid='scheduler' does the same (EulerDiscreteScheduler has no clip_sample)."""
