@@ -131,6 +131,7 @@ def loop_numbers(steps):
     single = standin.rank_gradients(0, 1)
     grad_lines = ["| student | rank 0 vs rank 1 | rank 0 vs one process, whole batch |", "|---|---|---|"]
     for kind, what in (("raw", "DDP(raw F)"), ("preconditioned", "DDP(EDM-shaped EDMPrecond), called through"),
+                       ("fsdp", "FSDP(EDM-shaped EDMPrecond), NO_SHARD, called through"),
                        ("bypass", "DDP(EDMPrecond), loss on ddp.module.model (hooks bypassed)")):
         grad_lines.append(f"| {what} | {fmt(standin.relative(ranks[0][kind], ranks[1][kind]))} | "
                           f"{fmt(standin.relative(ranks[0][kind], single[kind]))} |")

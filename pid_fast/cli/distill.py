@@ -193,7 +193,8 @@ def _write_samples(x, labels, seeds, out: str) -> None:
                    "the samples diffusers gives; its default) or 'karras' (EDM's grid; the default otherwise).")
 def sample(paths, num, seed_start, batch, weights, class_label, device, vae, teacher_source, sampler, steps,
            grid) -> None:
-    """One-step samples from a training CHECKPOINT (a file or a run folder) into OUT, or with
+    """One-step samples from a training CHECKPOINT (a file or a run folder; or an EDM snapshot .pkl
+    trained with pid_fast's EDMPIDLoss, or its `pid-fast convert` file) into OUT, or with
     --teacher the teacher's ODE samples from the same per-seed latents: a folder of PNGs, or an
     .npz with 'images' (uint8 NHWC), 'x' (float32 NCHW in [-1, 1], unquantised), 'seeds' and 'labels'."""
     from pid_fast.cli.common import pick_device

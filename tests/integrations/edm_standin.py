@@ -183,7 +183,7 @@ __all__ = ["EDMPrecond", "make_network", "write_snapshot", "training_loop", "con
 # Process workers (torch.multiprocessing.spawn: module-level functions)
 
 GLOBAL_BATCH = 8
-KINDS = ("raw", "preconditioned", "bypass")
+KINDS = ("raw", "preconditioned", "bypass", "fsdp")
 
 
 def gradient_batch():
@@ -193,9 +193,10 @@ def gradient_batch():
 
 
 def gradient_student(kind):
-    """(what the loss is called with, the module whose gradients are compared, the DDP to keep
-    alive) for one rank: DDP of the raw network, DDP of the EDM-shaped EDMPrecond, or the raw
-    network reached inside DDP(EDMPrecond) (``ddp.module.model``: DDP's hooks bypassed)."""
+    """(what the loss is called with, the module whose gradients are compared, the wrapper to keep
+    alive) for one rank: DDP of the raw network, DDP of the EDM-shaped EDMPrecond, the raw
+    network reached inside DDP(EDMPrecond) (``ddp.module.model``: DDP's hooks bypassed), or
+    FSDP of the EDMPrecond."""
     edm, _ = make_network(seed=0)
     edm.train()
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -203,6 +204,14 @@ def gradient_student(kind):
     if kind == "raw":
         ddp = wrap(edm.model)
         return ddp, edm.model, ddp
+    if kind == "fsdp":  # FSDP (unsharded, so that every rank holds whole gradients) of the EDMPrecond
+        if world == 1:
+            return edm, edm.model, edm
+        from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
+
+        fsdp = FullyShardedDataParallel(edm, sharding_strategy=ShardingStrategy.NO_SHARD,
+                                        device_id=torch.device("cpu"), use_orig_params=True)
+        return fsdp, edm.model, fsdp
     ddp = wrap(edm)
     if kind == "bypass":
         return (ddp.module if world > 1 else ddp).model, edm.model, ddp

@@ -43,7 +43,7 @@ def test_ddp_gradients_are_averaged_over_ranks_and_equal_one_process_on_the_whol
     out, _, _ = two_processes
     ranks = [torch.load(out / f"grads-rank{r}.pt") for r in range(2)]
     single = standin.rank_gradients(0, 1)  # one process, the whole global batch
-    for kind in ("raw", "preconditioned"):
+    for kind in ("raw", "preconditioned", "fsdp"):
         assert standin.relative(ranks[0][kind], ranks[1][kind]) <= 1e-6, kind
         assert standin.relative(ranks[0][kind], single[kind]) <= 1e-4, kind
     # DDP(EDMPrecond) called through: the same gradients as DDP of the raw network
