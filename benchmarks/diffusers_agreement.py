@@ -85,7 +85,8 @@ def agreement_rows(diffusers):
             row[solver] = (rel_rmse(mine, reference), float((mine - reference).abs().max()))
             if solver == "heun":
                 with torch.no_grad():
-                    row["karras"] = rel_rmse(ode_sample(teacher, z, solver="heun", num_steps=STEPS), reference)
+                    row["karras"] = rel_rmse(ode_sample(teacher, z, solver="heun", num_steps=STEPS, grid="karras"),
+                                             reference)
         if edm:
             reference = diffusers_loop(unet, diffusers.EDMEulerScheduler.from_config(scheduler.config), z, STEPS)
             with torch.no_grad():

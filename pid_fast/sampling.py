@@ -19,7 +19,7 @@ from pid_fast.models.preconditioning import edm_coefficients, sigma_vector, stud
 
 __all__ = [
     "SIGMA_MIN", "SIGMA_MAX", "RHO", "SIGMA_DATA", "NUM_POINTS", "karras_sigmas", "pid_time", "pid_grid",
-    "pid_neighbour_index", "sample_pid_times", "GRIDS", "heun_sample", "euler_sample", "ode_sample",
+    "pid_neighbour_index", "sample_pid_times", "GRIDS", "default_grid", "heun_sample", "euler_sample", "ode_sample",
     "seeded_randn", "seeded_latents", "student_trajectory", "student_sample",
 ]
 
@@ -121,15 +121,17 @@ GRIDS = ("karras", "scheduler")
 
 def ode_sample(denoiser: Callable[..., torch.Tensor], latents: torch.Tensor,
                class_labels: torch.Tensor | None = None, *, solver: str = "heun", num_steps: int | None = None,
-               sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, rho: float = RHO,
+               sigma_min: float | None = None, sigma_max: float | None = None, rho: float | None = None,
                dtype: torch.dtype = torch.float64, sigmas: Sequence[float] | torch.Tensor | None = None,
-               grid: str = "karras") -> torch.Tensor:
+               grid: str | None = None) -> torch.Tensor:
     """Integrate the PF-ODE from x(sigma_max) = sigma_max * latents to sigma = 0.
 
-    The grid (``num_steps`` steps, 18 by default):
-    - grid="karras" (EDM's): `karras_sigmas` between sigma_min and sigma_max, clipped to the
-      denoiser's `sigma_min`/`sigma_max` attributes when it has them (as EDM does) and mapped
-      through its `round_sigma`; the start is sigma_max * latents.
+    The grid (``num_steps`` steps, 18 by default; grid=None: `default_grid(denoiser)`, i.e.
+    "scheduler" for a teacher with a diffusers scheduler, unless sigma_min / sigma_max / rho are
+    given, which are Karras-grid settings):
+    - grid="karras" (EDM's): `karras_sigmas` between sigma_min and sigma_max (default 0.002, 80,
+      rho 7), clipped to the denoiser's `sigma_min`/`sigma_max` attributes when it has them (as EDM
+      does) and mapped through its `round_sigma`; the start is sigma_max * latents.
     - grid="scheduler": a diffusers teacher's own grid (its `sampling_grid`, e.g.
       DiffusersDenoiser with its scheduler): the sigmas and UNet timesteps that diffusers'
       EulerDiscreteScheduler / HeunDiscreteScheduler loop uses after set_timesteps(num_steps)
@@ -146,7 +148,7 @@ def ode_sample(denoiser: Callable[..., torch.Tensor], latents: torch.Tensor,
     """
     if solver not in ("heun", "euler"):
         raise ValueError(f"ode_sample: solver must be 'heun' or 'euler', got {solver!r}")
-    if grid not in GRIDS:
+    if grid is not None and grid not in GRIDS:
         raise ValueError(f"ode_sample: grid must be one of {GRIDS}, got {grid!r}")
     if not callable(denoiser):
         raise TypeError(f"ode_sample: denoiser must be callable D(x, sigma, labels), got {type(denoiser).__name__}")
@@ -181,14 +183,24 @@ def ode_sample(denoiser: Callable[..., torch.Tensor], latents: torch.Tensor,
     return x_next
 
 
-def _sampling_grid(denoiser, solver: str, num_steps, sigma_min: float, sigma_max: float, rho: float, sigmas,
-                   grid: str, device) -> tuple[torch.Tensor, torch.Tensor | None, float, float | None]:
+def default_grid(denoiser: Any) -> str:
+    """The samplers' grid when none is asked for: "scheduler" for a denoiser carrying a diffusers
+    scheduler (it then samples as diffusers does), else EDM's "karras"."""
+    has_scheduler = getattr(denoiser, "scheduler_config", None) is not None
+    return "scheduler" if has_scheduler and callable(getattr(denoiser, "sampling_grid", None)) else "karras"
+
+
+def _sampling_grid(denoiser, solver: str, num_steps, sigma_min, sigma_max, rho, sigmas, grid, device
+                   ) -> tuple[torch.Tensor, torch.Tensor | None, float, float | None]:
     """(the grid's sigmas in float64, the time labels at them or None, the initial noise scale, the
     range the denoised sample is clamped to or None)."""
+    karras_settings = [name for name, value in (("sigma_min", sigma_min), ("sigma_max", sigma_max), ("rho", rho))
+                       if value is not None]
     if sigmas is not None:
-        if num_steps is not None or grid != "karras":
-            raise ValueError(f"ode_sample: pass either sigmas or num_steps / grid, not both (got sigmas and "
-                             f"num_steps={num_steps!r}, grid={grid!r})")
+        if num_steps is not None or grid is not None or karras_settings:
+            given = [f"num_steps={num_steps!r}"] * (num_steps is not None) + [f"grid={grid!r}"] * (grid is not None)
+            raise ValueError(f"ode_sample: pass either sigmas or num_steps / grid / sigma_min / sigma_max / rho, "
+                             f"not both (got sigmas and {', '.join(given + karras_settings)})")
         t_steps = torch.as_tensor(sigmas, dtype=torch.float64).reshape(-1).to(device)
         if t_steps.numel() < 2 or not bool(torch.isfinite(t_steps).all()) or bool((t_steps < 0).any()):
             raise ValueError(f"ode_sample: sigmas must hold at least 2 finite, non-negative noise levels, got "
@@ -197,7 +209,12 @@ def _sampling_grid(denoiser, solver: str, num_steps, sigma_min: float, sigma_max
             raise ValueError(f"ode_sample: sigmas must decrease strictly, got {t_steps.tolist()}")
         return t_steps, None, float(t_steps[0]), None
     num_steps = 18 if num_steps is None else _check_count(num_steps, 1, "num_steps", "ode_sample")
+    if grid is None:
+        grid = "karras" if karras_settings else default_grid(denoiser)
     if grid == "scheduler":
+        if karras_settings:
+            raise ValueError(f"ode_sample: {', '.join(karras_settings)} set the Karras grid; grid='scheduler' takes "
+                             f"the scheduler's own sigmas (pass grid='karras', or leave them out)")
         make_grid = getattr(denoiser, "sampling_grid", None)
         if make_grid is None:
             raise ValueError(f"ode_sample: grid='scheduler' needs a denoiser with a diffusers scheduler "
@@ -206,8 +223,9 @@ def _sampling_grid(denoiser, solver: str, num_steps, sigma_min: float, sigma_max
         found = make_grid(num_steps, solver)
         return (found["sigmas"].to(device=device, dtype=torch.float64), found["timesteps"].to(device),
                 float(found["init_noise_sigma"]), found.get("clip_denoised"))
-    sigma_min = max(sigma_min, float(getattr(denoiser, "sigma_min", 0.0)))
-    sigma_max = min(sigma_max, float(getattr(denoiser, "sigma_max", math.inf)))
+    sigma_min = max(SIGMA_MIN if sigma_min is None else sigma_min, float(getattr(denoiser, "sigma_min", 0.0)))
+    sigma_max = min(SIGMA_MAX if sigma_max is None else sigma_max, float(getattr(denoiser, "sigma_max", math.inf)))
+    rho = RHO if rho is None else rho
     t_steps = karras_sigmas(num_steps, sigma_min, sigma_max, rho, round_sigma=getattr(denoiser, "round_sigma", None),
                             dtype=torch.float64, device=device)
     return t_steps, None, float(t_steps[0]), None

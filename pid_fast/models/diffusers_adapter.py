@@ -62,7 +62,8 @@ from pid_fast.models.preconditioning import Coefficients, Preconditioning, _chec
 __all__ = ["PREDICTION_TYPES", "TIMESTEP_ROUNDINGS", "UNET_CLASSES", "EDM_SCHEDULERS", "SAMPLER_SCHEDULERS",
            "import_diffusers", "schedule_sigmas", "scheduler_alphas_cumprod", "scheduler_sigma_range",
            "SigmaToTimestep", "DiffusersUNet", "DiffusersDenoiser", "DiffusersEDMDenoiser", "denoiser_from_scheduler",
-           "sampler_scheduler", "scheduler_grid", "diffusers_loop", "build_diffusers_network", "is_diffusers_network", "diffusers_noise_labels",
+           "sampler_scheduler", "scheduler_grid", "diffusers_loop", "build_diffusers_network", "is_diffusers_network",
+           "diffusers_noise_labels",
            "one_step_settings"]
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -492,7 +493,8 @@ def scheduler_grid(scheduler_config: Mapping[str, Any], num_steps: int, solver: 
     num_steps + 1 noise levels (float64, ending with the scheduler's final sigma), 'timesteps': the
     UNet's time label at each of the first num_steps, 'init_noise_sigma': the scale of the initial
     noise, 'clip_denoised': the range the loop clamps the denoised sample to (clip_sample, which
-    HeunDiscreteScheduler honours) or None, 'scheduler': its class name}. Heun's interleaved lists are read back as one point per step."""
+    HeunDiscreteScheduler honours) or None, 'scheduler': its class name}. Heun's interleaved lists are
+    read back as one point per step."""
     scheduler = sampler_scheduler(scheduler_config, num_steps, solver)
     name = type(scheduler).__name__
     sigmas = torch.as_tensor(scheduler.sigmas, dtype=torch.float64).reshape(-1).cpu()

@@ -16,7 +16,7 @@ from typing import Any, Optional
 import torch
 from torch.nn import functional as F
 
-from pid_fast.sampling import GRIDS, ode_sample, seeded_latents
+from pid_fast.sampling import GRIDS, default_grid, ode_sample, seeded_latents
 
 __all__ = ["load_sampling_teacher", "default_grid", "teacher_samples"]
 
@@ -47,11 +47,6 @@ def load_sampling_teacher(source: str | os.PathLike, device: torch.device | str 
     return teacher, shape, int(getattr(teacher, "label_dim", 0))
 
 
-def default_grid(teacher: Any) -> str:
-    """'scheduler' for a teacher with a diffusers scheduler (it samples as diffusers does), else 'karras'."""
-    return "scheduler" if getattr(teacher, "scheduler_config", None) is not None else "karras"
-
-
 @torch.no_grad()
 def teacher_samples(teacher: Any, shape, label_dim: int, seeds, *, solver: str = "heun", num_steps: int = 18,
                     grid: Optional[str] = None, batch: int = 64, device: torch.device | str = "cpu",
@@ -60,7 +55,7 @@ def teacher_samples(teacher: Any, shape, label_dim: int, seeds, *, solver: str =
     """Samples (B, C, H, W) on the CPU (clamped to [-1, 1] unless ``clamp`` is False) and the
     integer class labels (or None) for ``seeds``: latents and labels of seed k from seed k alone
     (pid_fast.sampling.seeded_latents, as for student samples). grid: 'karras' | 'scheduler'
-    (None: ``default_grid``)."""
+    (None: pid_fast.sampling.default_grid)."""
     grid = default_grid(teacher) if grid is None else grid
     if grid not in GRIDS:
         raise ValueError(f"grid must be one of {GRIDS}, got {grid!r}")

@@ -69,7 +69,9 @@ def test_scheduler_grid_equals_diffusers_loops(prediction_type, spacing, solver)
     sampler = {"euler": euler_sample, "heun": heun_sample}[solver]
     with torch.no_grad():
         mine = sampler(teacher, z, num_steps=7, grid="scheduler")
-        karras = sampler(teacher, z, num_steps=7)  # EDM's grid, capped at 80, x = 80 z: not diffusers' samples
+        default = sampler(teacher, z, num_steps=7)  # a teacher with a scheduler samples on its grid by default
+        karras = sampler(teacher, z, num_steps=7, grid="karras")  # EDM's, capped at 80, x = 80 z: not diffusers'
+    assert torch.equal(default, mine)
     assert rel_rmse(mine, reference) < TOLERANCE
     assert rel_rmse(karras, reference) > 100 * TOLERANCE
 
@@ -178,6 +180,12 @@ def test_an_explicit_sigma_list_is_used_as_given():
         euler_sample(bare, z, grid="scheduler")
     with pytest.raises(ValueError, match="grid must be one of"):
         ode_sample(teacher, z, grid="ddim")
+    with pytest.raises(ValueError, match="sigma_max set the Karras grid; grid='scheduler' takes the scheduler's"):
+        ode_sample(teacher, z, grid="scheduler", sigma_max=80.0)
+    # Karras settings without a grid mean the Karras grid, even for a teacher with a scheduler.
+    with torch.no_grad():
+        torch.testing.assert_close(euler_sample(teacher, z, num_steps=3, sigma_max=50.0),
+                                   euler_sample(teacher, z, num_steps=3, sigma_max=50.0, grid="karras"))
 
 
 # ----------------------------------------------------------------------------------------
