@@ -28,7 +28,8 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-__all__ = ["EDM2_RAW_MEAN", "EDM2_RAW_STD", "latent_scaling", "scaling_from_encoder", "load_vae", "LatentDecoder"]
+__all__ = ["EDM2_RAW_MEAN", "EDM2_RAW_STD", "latent_scaling", "scaling_from_encoder", "load_vae", "LatentDecoder",
+           "ScaledLatentDecoder"]
 
 EDM2_RAW_MEAN = (5.81, 3.25, 0.12, -2.15)
 EDM2_RAW_STD = (4.17, 4.62, 3.71, 3.28)
@@ -115,3 +116,36 @@ class LatentDecoder:
         dtype = next(self.vae.parameters()).dtype
         images = [self.vae.decode(chunk.to(dtype)).sample.to(torch.float32) for chunk in raw.split(self.batch_size)]
         return torch.cat(images).clamp(0, 1) * 2 - 1
+
+
+class ScaledLatentDecoder:
+    """Latents of a Stable-Diffusion-style pipeline [B, C, H, W] -> images [B, 3, H*f, W*f] in
+    [-1, 1] (float32, on the latents' device), as diffusers' pipelines decode:
+    vae.decode(latents / scaling_factor + shift_factor).sample, clamped to [-1, 1] (the VAE's own
+    config gives scaling_factor and, for SD3/Flux VAEs, shift_factor)."""
+
+    def __init__(self, vae: nn.Module, batch_size: int = 8):
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"ScaledLatentDecoder: batch_size must be a positive int, got {batch_size!r}")
+        config = getattr(vae, "config", None)
+        if config is None or getattr(config, "scaling_factor", None) is None:
+            raise ValueError("ScaledLatentDecoder: the VAE's config has no scaling_factor")
+        self.vae, self.batch_size = vae, batch_size
+        self.scaling_factor = float(config.scaling_factor)
+        self.shift_factor = float(getattr(config, "shift_factor", None) or 0.0)
+        self.channels = int(config.latent_channels)
+
+    @classmethod
+    def from_path(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
+                  batch_size: int = 8) -> "ScaledLatentDecoder":
+        return cls(load_vae(path, device), batch_size=batch_size)
+
+    @torch.no_grad()
+    def __call__(self, latents: torch.Tensor) -> torch.Tensor:
+        if not isinstance(latents, torch.Tensor) or latents.ndim != 4 or latents.shape[1] != self.channels:
+            got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+            raise ValueError(f"ScaledLatentDecoder: expected latents [B, {self.channels}, H, W], got {got}")
+        raw = latents.to(torch.float32) / self.scaling_factor + self.shift_factor
+        dtype = next(self.vae.parameters()).dtype
+        images = [self.vae.decode(chunk.to(dtype)).sample.to(torch.float32) for chunk in raw.split(self.batch_size)]
+        return torch.cat(images).clamp(-1, 1)

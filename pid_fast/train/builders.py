@@ -23,7 +23,7 @@ from pid_fast.models.networks import build_network, network_config
 from pid_fast.models.preconditioning import (PRECONDITIONINGS, DirectDenoiser, EDMPrecond, GaussianDenoiser,
                                              Preconditioning, VEPrecond, VPPrecond)
 
-__all__ = ["network_spec", "build_teacher", "given_teacher", "build_student", "resolve_precision", "build_loss",
+__all__ = ["network_spec", "build_teacher", "is_text_teacher", "given_teacher", "build_student", "resolve_precision", "build_loss",
            "build_optimizer", "teacher_sigma_range", "resolve_sigma_range", "noise_rule", "noise_labels",
            "student_metadata"]
 
@@ -47,20 +47,36 @@ def network_spec(spec: Any, key: str) -> dict:
 # Teacher and student
 
 
-def build_teacher(tcfg: Mapping[str, Any], device: torch.device) -> tuple[Preconditioning, Optional[dict]]:
+def build_teacher(tcfg: Mapping[str, Any], device: torch.device,
+                  unconditional: Optional[torch.Tensor] = None) -> tuple[Preconditioning, Optional[dict]]:
     """(frozen teacher, its network config or None) from config['teacher']; with
-    teacher.guidance, the guided teacher (pid_fast.guided) of that teacher and its guide."""
+    teacher.guidance, the guided teacher (pid_fast.guided) of that teacher and its guide.
+    ``unconditional``: a text teacher's unconditional input, the negative prompt's embedding
+    [1, L, D] (pid_fast.train.prompts.TextConditions.negative)."""
     teacher, net_cfg = _build_unguided_teacher(tcfg, device)
     guidance = tcfg.get("guidance")
-    return (teacher if guidance is None else guided_teacher(teacher, guidance, device)), net_cfg
+    return (teacher if guidance is None else guided_teacher(teacher, guidance, device, unconditional)), net_cfg
 
 
-def guided_teacher(main: Preconditioning, gcfg: Mapping[str, Any], device: torch.device) -> GuidedDenoiser:
+def is_text_teacher(teacher: Any) -> bool:
+    """Whether a (guided) teacher's network is a cross-attention UNet conditioned on text embeddings."""
+    return bool(getattr(getattr(unguided(teacher), "model", None), "cross_attention", False))
+
+
+def guided_teacher(main: Preconditioning, gcfg: Mapping[str, Any], device: torch.device,
+                   unconditional: Optional[torch.Tensor] = None) -> GuidedDenoiser:
     """The guided teacher of config['teacher.guidance'] around ``main``: guide "unconditional"
-    (main without its label: zeros, EDM's label dropout, or the one-hot ``null_label``) or a
-    second teacher's config (autoguidance: it gets the same labels)."""
+    (main without its label: zeros, EDM's label dropout, the one-hot ``null_label``, or for a text
+    teacher ``unconditional``, the negative prompt's embedding) or a second teacher's config
+    (autoguidance: it gets the same labels)."""
     guide_cfg, interval = gcfg["guide"], gcfg.get("interval")
     interval = None if interval is None else tuple(interval)
+    if guide_cfg == "unconditional" and is_text_teacher(main):
+        if unconditional is None:
+            raise ValueError("config['teacher.guidance']: a text-conditioned teacher's unconditional input is the "
+                             "negative prompt's embedding; build it with the run's prompt embeddings "
+                             "(pid_fast.train.prompts.text_conditions(...).negative)")
+        return guided(main, main, gcfg["scale"], guide_labels=unconditional.to(device), interval=interval)
     if guide_cfg == "unconditional":
         null = gcfg.get("null_label")
         guide_labels = "zeros" if null is None else nn.functional.one_hot(
@@ -108,9 +124,11 @@ def _load_diffusers_teacher(tcfg: Mapping[str, Any], device: torch.device) -> tu
     teacher = load_diffusers_teacher(tcfg["path"], scheduler=tcfg.get("scheduler"),
                                      prediction_type=tcfg.get("prediction_type"),
                                      timestep_rounding=tcfg.get("timestep_rounding"), device=device)
-    if teacher.model.cross_attention:
-        raise ValueError("config['teacher.path']: a UNet2DConditionModel needs encoder_hidden_states, which the "
-                         "trainer does not draw; use PIDLoss in your own loop (examples/diffusers_loop.py)")
+    if teacher.model.cross_attention:  # a text-to-image pipeline: its conditions are the prompts' embeddings
+        from pid_fast.io.text_conditioning import text_pipeline_parts
+
+        text_pipeline_parts(tcfg["path"])  # names a missing text_encoder/, tokenizer/ or vae/ (the trainer's
+        # prompts: pid_fast.train.prompts.text_conditions)
     return teacher, teacher.model.rebuild_config()
 
 
@@ -156,10 +174,15 @@ SHAPE_KEYS = ("img_resolution", "in_channels", "out_channels", "label_dim")
 
 
 def _teacher_shape(teacher_net: Mapping[str, Any], label_dim: int) -> dict:
-    """The teacher's image shape and label width as student network keys (the student outputs
-    images like its input: out_channels = the teacher's in_channels)."""
-    return {"img_resolution": int(teacher_net["img_resolution"]), "in_channels": int(teacher_net["in_channels"]),
-            "out_channels": int(teacher_net["in_channels"]), "label_dim": label_dim}
+    """The teacher's image shape and label width as student network keys, those its network
+    config gives (the student outputs images like its input: out_channels = the teacher's
+    in_channels)."""
+    shape = {}
+    if "img_resolution" in teacher_net:
+        shape["img_resolution"] = int(teacher_net["img_resolution"])
+    if "in_channels" in teacher_net:
+        shape["in_channels"] = shape["out_channels"] = int(teacher_net["in_channels"])
+    return {**shape, "label_dim": label_dim}
 
 
 def _with_teacher_shape(spec: Any, teacher_net: Mapping[str, Any], label_dim: int) -> Any:
@@ -179,7 +202,9 @@ def check_student_shape(net_cfg: Mapping[str, Any], teacher: Any, teacher_net: O
     label_dim = int(getattr(teacher, "label_dim", 0))
     expected = {"label_dim": label_dim} if teacher_net is None else _teacher_shape(teacher_net, label_dim)
     for key, want in expected.items():
-        got = int(net_cfg.get(key, 0) if key == "label_dim" else net_cfg[key])
+        if key != "label_dim" and key not in net_cfg:
+            continue
+        got = int(net_cfg.get(key, 0))
         if got != want:
             raise ValueError(f"config['student.network'] has {key}={got} but the teacher has {key}={want}: the "
                              f"student must take and return the teacher's images"

@@ -29,7 +29,9 @@ DEFAULT_CONFIG: dict[str, Any] = {
     # kind "network": a freshly initialised network {"network", "precond", "seed", "use_fp16"}
     # kind "gaussian": the exact denoiser of N(mean, std^2) {"mean", "std", "label_dim"}
     # kind "diffusers": a local save_pretrained folder {"path", "scheduler", "prediction_type",
-    #   "timestep_rounding"} (pid_fast.io.diffusers_io; configs/diffusers-ddpm-cifar10.json)
+    #   "timestep_rounding"} (pid_fast.io.diffusers_io; configs/diffusers-ddpm-cifar10.json); a
+    #   text-to-image pipeline folder also takes "prompts": a .txt (one per line) / .jsonl / .parquet
+    #   file whose embeddings are cached in the run folder (pid_fast.train.prompts)
     "teacher": {"kind": "network", "network": "tiny-ddpmpp", "precond": "edm", "seed": 0, "use_fp16": False},
     # init "teacher": a copy of the teacher's network (PID); "random": fresh weights (seed).
     # network null: the teacher's architecture.
@@ -91,10 +93,11 @@ RESUMABLE_CHANGES = ("total_steps", "log_every", "checkpoint_every", "keep_check
 TEACHER_KEYS = {"edm": {"kind", "path", "key", "guidance"},
                 "network": {"kind", "network", "precond", "seed", "use_fp16", "precond_kwargs", "guidance"},
                 "gaussian": {"kind", "mean", "std", "label_dim", "guidance"},
-                "diffusers": {"kind", "path", "scheduler", "prediction_type", "timestep_rounding", "guidance"}}
+                "diffusers": {"kind", "path", "scheduler", "prediction_type", "timestep_rounding", "prompts", "guidance"}}
 # config['teacher.guidance'] (pid_fast.guided): {"scale": w, "guide": "unconditional" | a teacher config
-# without guidance, "interval": [sigma_lo, sigma_hi] | null, "null_label": class index | null}
-GUIDANCE_KEYS = {"scale", "guide", "interval", "null_label"}
+# without guidance, "interval": [sigma_lo, sigma_hi] | null, "null_label": class index | null,
+# "negative_prompt": a text teacher's unconditional input (null: the empty prompt)}
+GUIDANCE_KEYS = {"scale", "guide", "interval", "null_label", "negative_prompt"}
 
 
 def load_config(path: str | os.PathLike) -> dict:
@@ -339,6 +342,10 @@ def _check_guidance(guidance: Any) -> None:
     null = guidance.get("null_label")
     _need(null is None or (isinstance(null, int) and not isinstance(null, bool) and null >= 0 and guide == "unconditional"),
           "teacher.guidance.null_label", "null or a class index (with guide 'unconditional')", null)
+    negative = guidance.get("negative_prompt")
+    _need(negative is None or (isinstance(negative, str) and guide == "unconditional"),
+          "teacher.guidance.negative_prompt", "null or a prompt (with guide 'unconditional' and a text teacher)",
+          negative)
 
 
 def _check_diffusers_teacher(teacher: Mapping[str, Any]) -> None:
@@ -348,6 +355,13 @@ def _check_diffusers_teacher(teacher: Mapping[str, Any]) -> None:
           "null or the path of a scheduler folder / scheduler_config.json", teacher.get("scheduler"))
     check_choice(teacher.get("prediction_type"), _name("teacher.prediction_type"), (None, *PREDICTION_TYPES))
     check_choice(teacher.get("timestep_rounding"), _name("teacher.timestep_rounding"), (None, *TIMESTEP_ROUNDINGS))
+    _need(teacher.get("prompts") is None or (isinstance(teacher.get("prompts"), str) and teacher.get("prompts")),
+          "teacher.prompts", "null or the path of a prompt file (.txt one per line, .jsonl, .parquet)",
+          teacher.get("prompts"))
+    guidance = teacher.get("guidance") or {}
+    _need(guidance.get("negative_prompt") is None or teacher.get("prompts") is not None,
+          "teacher.guidance.negative_prompt", "null unless the teacher is text-conditioned (teacher.prompts set)",
+          guidance.get("negative_prompt"))
 
 
 def _check_student(student: Mapping[str, Any], teacher: Mapping[str, Any]) -> None:

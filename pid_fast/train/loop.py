@@ -54,6 +54,7 @@ from pid_fast.train.distributed import (DistContext, all_gather_objects, all_red
 from pid_fast.train.ema import EMA
 from pid_fast.train.loss_window import LossWindow
 from pid_fast.train.power_ema import PowerEMA, save_snapshot
+from pid_fast.train.prompts import pipeline_decoder, prepare_text_conditions
 from pid_fast.train.schedules import GridIndexSampler, grid_size_at, lr_factor
 
 __all__ = ["train", "NonFiniteLossError"]
@@ -190,6 +191,9 @@ class _Run:
         # Fixed noise for the snapshots (per-seed generators: independent of the training RNG).
         self.snapshot_noise, self.snapshot_labels = seeded_latents(
             range(self.cfg["snapshot_num"]), self.image_shape, self.label_dim, device=ctx.device)
+        if self.text is not None:  # a text teacher: the first prompts' embeddings
+            self.snapshot_labels = self.text.first(self.cfg["snapshot_num"], ctx.device)
+        self._decoder = None  # a latent teacher's VAE, loaded by the first snapshot (rank 0 only)
         self.last_log = {"loss": None, "images_per_s": None}
 
     def _prepare_run_dir(self) -> None:
@@ -225,10 +229,13 @@ class _Run:
         """The teacher, the student, the loss, the optimizer and the EMAs; the 'auto' precision
         settings as the resumed run resolved them (``recorded``), else for this device."""
         cfg, device = self.cfg, self.ctx.device
+        # a text teacher's prompt embeddings, cached in the run folder (rank 0 encodes, the others read)
+        self.text = prepare_text_conditions(cfg["teacher"], self.run_dir, self.ctx)
         if teacher is not None:
             teacher, teacher_net = given_teacher(teacher, cfg["teacher"], device)
         else:
-            teacher, teacher_net = build_teacher(cfg["teacher"], device)
+            teacher, teacher_net = build_teacher(cfg["teacher"], device,
+                                                 None if self.text is None else self.text.negative)
         net, net_cfg = build_student(cfg["student"], teacher, teacher_net, device)
         modes = resolve_precision(cfg, device, recorded)
         self.machine = {"device": device.type, **modes,
@@ -251,6 +258,8 @@ class _Run:
         self.grid_sampler = GridIndexSampler(cfg["loss"]["N"], grid["sampling"], grid["weighting"],
                                              decay=grid["stats_decay"], uniform_mix=grid["uniform_mix"], device=device)
         self.student_meta = student_metadata(net_cfg, teacher, cfg["loss"], self.loss_fn.sigma_data)
+        if self.text is not None:
+            self.student_meta["text"] = self.text.metadata()
         self.label_dim, self.image_shape = self.student_meta["label_dim"], tuple(self.student_meta["shape"])
 
     def _restore(self, checkpoint: Optional[Mapping[str, Any]]) -> int:
@@ -311,6 +320,8 @@ class _Run:
         noise, grid_indices, labels = draw_inputs(generator, step_seed(cfg["seed"], self.step), self.global_batch,
                                                   self.image_shape, grid_size, self.label_dim, self.ctx.device,
                                                   sampler)
+        if self.text is not None:  # the step's prompts, drawn from (seed, step) alone
+            labels = self.text.draw(step_seed(cfg["seed"], self.step), self.global_batch, self.ctx.device)
         weights = sampler.weights_for(grid_indices, grid_size)
         step_loss = torch.zeros((), dtype=torch.float32, device=self.ctx.device)
         # the per-sample losses of the global batch, only for a sampler that learns from them
@@ -423,7 +434,11 @@ class _Run:
         with torch.no_grad():
             x = student_sample(self.net, self.snapshot_noise, self.snapshot_labels, sigma_min=loss_cfg["sigma_min"],
                                sigma_max=loss_cfg["sigma_max"], sigma_data=self.loss_fn.sigma_data,
-                               noise_labels=self.loss_fn.noise_labels)
+                               noise_labels=self.loss_fn.noise_labels, clamp=self.text is None)
+            if self.text is not None:  # latents: decoded through the pipeline's VAE
+                if self._decoder is None:
+                    self._decoder = pipeline_decoder(self.text.info["pipeline"], self.ctx.device)
+                x = self._decoder(x)
         self.net.train()
         if x.shape[1] in (1, 3):
             save_image_grid(x, os.path.join(self.run_dir, f"samples-{at_step:09d}.png"))
