@@ -156,7 +156,8 @@ def one_step_generator(path: str | os.PathLike, device: str | torch.device = "cp
     trained with EDMPIDLoss (its ``key`` network, read safely) or its `pid-fast convert` output,
     in the format ``pid_fast.train.generate`` samples from. The grid's sigma_min/sigma_max come
     from the EDMPIDLoss the snapshot (or the converted file's metadata) records, else 0.002/80;
-    sigma_data and the noise-label rule from the network's preconditioning."""
+    sigma_data from the recorded loss, else the network's preconditioning; the noise-label rule from the
+    preconditioning."""
     from pid_fast.io import load_teacher_with_config
     from pid_fast.io.teachers import recorded_loss_settings
     from pid_fast.train.builders import student_metadata
@@ -165,8 +166,9 @@ def one_step_generator(path: str | os.PathLike, device: str | torch.device = "cp
     precond, config = load_teacher_with_config(path, key=key, device=device,
                                                allow_unknown_source=allow_unknown_source, name="checkpoint")
     network = dict(config["network"])
-    meta = student_metadata(network, precond, _loss_settings(recorded_loss_settings(path)),
-                            float(getattr(precond, "sigma_data", 0.5)))
+    recorded = recorded_loss_settings(path) or {}
+    sigma_data = recorded.get("sigma_data", getattr(precond, "sigma_data", 0.5))  # the loss's c = 1/sqrt(sd^2 + T^2)
+    meta = student_metadata(network, precond, _loss_settings(recorded), float(sigma_data))
     kimg = re.search(r"(\d+)\.pkl$", os.path.basename(path))
     meta.update(step=f"{int(kimg.group(1))} kimg" if kimg else "n/a", path=path)
     return precond.model.eval(), meta

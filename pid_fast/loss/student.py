@@ -143,7 +143,7 @@ def resolve_student(student: Any, parametrization: Optional[str], *, sigma_data:
                         f"network D(x, sigma, labels)), got {type(student).__name__}")
     inner = unwrap(student)
     if parametrization == "raw":
-        return student, None, "raw"
+        return (_DiffusersStudent(student) if type(inner).__name__ in _DIFFUSERS_UNETS else student), None, "raw"
     if parametrization == "edm":
         _check_sigma_data(declared_sigma_data(inner), sigma_data)
         coefficients: Callable = partial(edm_coefficients, sigma_data=sigma_data)
