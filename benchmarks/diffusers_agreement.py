@@ -7,8 +7,9 @@
    (scale_model_input -> UNet -> step, as its pipelines write it) with HeunDiscreteScheduler /
    EulerDiscreteScheduler (EDMEulerScheduler for the EDM teacher) built from the same config,
    from the same latents. Relative RMSE = ||mine - diffusers|| / ||diffusers||. The last column is
-   heun_sample's EDM default (Karras grid clipped to the teacher's range and capped at 80, start
-   80 z) against diffusers' Heun loop: what grid="scheduler" fixes.
+   heun_sample with grid="karras" (EDM's grid clipped to the teacher's range and capped at 80, start
+   80 z; heun_sample's only grid before grid="scheduler", now the default for such teachers)
+   against diffusers' Heun loop.
 2. Export round trip: a 4-step PID run of the epsilon/leading teacher, `pid-fast sample` (8 seeds),
    `pid-fast export-diffusers`, then DiffusionPipeline.from_pretrained(OUT, trust_remote_code=True)
    with one generator per seed: max |pipeline - pid-fast sample|.
@@ -142,10 +143,11 @@ def main() -> None:
         f"{STEPS} steps. Relative RMSE of pid_fast's sampler with `grid=\"scheduler\"` to diffusers' own loop "
         "(HeunDiscreteScheduler / EulerDiscreteScheduler, EDMEulerScheduler for the EDM teacher, built from "
         "the teacher's scheduler config) from the same latents; in brackets the max absolute difference. "
-        "Last column: `heun_sample`'s EDM default (Karras grid capped at 80, start 80 z) against "
+        "Last column: `heun_sample(..., grid=\"karras\")` (EDM's grid capped at 80, start 80 z; the only "
+        "grid before `grid=\"scheduler\"`, which is now the default for a teacher with a scheduler) against "
         "diffusers' Heun loop.",
         "",
-        "| teacher scheduler | Euler, grid=scheduler | Heun, grid=scheduler | Heun, EDM default grid |",
+        "| teacher scheduler | Euler, grid=scheduler | Heun, grid=scheduler | Heun, grid=karras |",
         "|---|---|---|---|",
     ]
     for row in rows:
