@@ -69,7 +69,7 @@ def _describe_entry(value: Any) -> str:
     if isinstance(value, PersistentObject):
         return f"{value.class_name} (an EDM persistent object)"
     if isinstance(value, UnknownGlobal):
-        return f"{type(value).qualified_name()} (a class pid_fast does not know: kept as an inert placeholder)"
+        return f"{type(value).qualified_name()} (not an EDM class: kept as an inert placeholder, nothing of it run)"
     if isinstance(value, type) and issubclass(value, UnknownGlobal):
         return f"{value.qualified_name()} (unknown global, not loaded)"
     if isinstance(value, ModuleStub):

@@ -78,7 +78,7 @@ def test_edm_shaped_loop_trains_snapshots_convert_and_sample_in_one_step(two_pro
     converted = tmp_path / "student.safetensors"
     result = CliRunner().invoke(main, ["convert", snapshot, str(converted)])
     assert result.exit_code == 0, result.output
-    assert "skipped loss_fn: pid_fast.integrations.edm.EDMPIDLoss (a class pid_fast does not know" in result.output
+    assert "skipped loss_fn: pid_fast.integrations.edm.EDMPIDLoss (not an EDM class: kept as an inert" in result.output
     assert "skipped dataset_kwargs: a dict" in result.output
     ckpt = read_edm_checkpoint(snapshot)
     for key, value in ckpt.state_dict.items():
