@@ -316,7 +316,7 @@ def build_loss(lcfg: dict, teacher: Preconditioning, device: torch.device,
     return PIDLoss(teacher, N=lcfg["N"], sigma_min=lcfg["sigma_min"], sigma_max=lcfg["sigma_max"],
                    rho=lcfg["rho"], norm=lcfg["norm"], backend=lcfg["backend"], batched=lcfg["batched"],
                    huber_c=lcfg["huber_c"], lpips=lpips, teacher_precision=teacher_precision,
-                   derivative=lcfg["derivative"])
+                   derivative=lcfg["derivative"], allow_stochastic_student=lcfg["allow_stochastic_student"])
 
 
 def build_optimizer(params, ocfg: Mapping[str, Any], device: torch.device) -> torch.optim.Optimizer:

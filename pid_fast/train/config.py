@@ -49,6 +49,9 @@ DEFAULT_CONFIG: dict[str, Any] = {
              # the student's time derivative: "fd" (two evaluations, the reference) | "jvp"
              # (one evaluation and its forward-mode derivative in c_noise; pid_fast.loss.derivative)
              "derivative": "fd", "backend": None, "batched": True,
+             # train-mode randomness in the student (student.dropout > 0): the t and t2 evaluations
+             # get different masks, so PIDLoss refuses it unless this is true (pid_fast.loss.student)
+             "allow_stochastic_student": False,
              # auto: bf16 autocast when the student runs in bf16, else the teacher's own dtype;
              # null: the teacher's own dtype; fp32 | bf16 (see PIDLoss)
              "teacher_precision": "auto"},
@@ -75,6 +78,14 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "precision": "auto",
     "channels_last": "auto",         # true | false | auto: true on CUDA (networks and teacher)
     "compile": False,                # torch.compile the step's forward: false | true (inductor) | a backend name
+    # data parallelism over the ranks (pid_fast.train.sharding): "ddp" (every rank holds everything) |
+    # "fsdp" (FSDP2: the student per U-Net block then the root, its optimizer state and the EMAs sharded;
+    # checkpoints as sharded DCP folders, pid_fast.train.sharded_checkpoint)
+    "parallel": "ddp",
+    "teacher_sharding": None,        # fsdp: shard the frozen teacher too (null: true under fsdp)
+    # rank 0's dashboards besides log.jsonl (pid_fast.train.tracking): TensorBoard event files in
+    # RUN/tensorboard; W&B (needs the wandb package; WANDB_MODE=offline works without a network)
+    "log": {"tensorboard": False, "wandb": False, "wandb_project": "pid-fast"},
     "clip_grad_norm": None,
     "total_steps": 800000,
     "log_every": 100,
@@ -87,7 +98,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
 
 # Keys that may change when a run is resumed; every other difference is refused.
 RESUMABLE_CHANGES = ("total_steps", "log_every", "checkpoint_every", "keep_checkpoints", "snapshot_every",
-                     "snapshot_num", "progress", "device", "channels_last", "compile", "lr_schedule")
+                     "snapshot_num", "progress", "device", "channels_last", "compile", "lr_schedule", "log")
 
 # The keys of config['teacher'] for each teacher kind.
 TEACHER_KEYS = {"edm": {"kind", "path", "key", "guidance"},
@@ -195,6 +206,7 @@ def resolve_config(config: Optional[Mapping[str, Any]] = None) -> dict:
         raise TypeError(f"config must be a mapping, got {type(config).__name__}")
     cfg = _merge(DEFAULT_CONFIG, config or {}, "")
     _check_run(cfg)
+    _check_parallel_and_log(cfg)
     _check_optimizer(cfg["optimizer"])
     _check_loss(cfg["loss"])
     _check_schedules_and_power_ema(cfg)
@@ -239,6 +251,27 @@ def _check_run(cfg: Mapping[str, Any]) -> None:
     rates = cfg["ema_rates"]
     _need(isinstance(rates, list) and all(is_number(r) and 0 < r < 1 for r in rates)
           and len(set(rates)) == len(rates), "ema_rates", "a list of distinct numbers in (0, 1)", rates)
+
+
+def _check_parallel_and_log(cfg: Mapping[str, Any]) -> None:
+    """parallel, teacher_sharding and the log sinks (what fsdp does not support is named here)."""
+    from pid_fast.train.sharding import PARALLEL_MODES
+
+    check_choice(cfg["parallel"], _name("parallel"), PARALLEL_MODES)
+    sharding = cfg["teacher_sharding"]
+    _need(sharding is None or isinstance(sharding, bool), "teacher_sharding", "null, true or false", sharding)
+    if cfg["parallel"] != "fsdp":
+        _need(not sharding, "teacher_sharding", "null or false unless parallel is 'fsdp'", sharding)
+    else:
+        # FSDP2's hooks are autograd Functions without a forward-mode formula: no dual tensors through them
+        _need(cfg["loss"]["derivative"] != "jvp", "loss.derivative", "'fd' with parallel 'fsdp' (FSDP2's "
+              "module hooks have no forward-mode AD)", cfg["loss"]["derivative"])
+        _need(cfg["compile"] is False, "compile", "false with parallel 'fsdp' (not supported yet)", cfg["compile"])
+    log = cfg["log"]
+    for key in ("tensorboard", "wandb"):
+        _need(isinstance(log[key], bool), f"log.{key}", "a bool", log[key])
+    _need(isinstance(log["wandb_project"], str) and log["wandb_project"] != "", "log.wandb_project",
+          "a non-empty string", log["wandb_project"])
 
 
 def _check_optimizer(opt: Mapping[str, Any]) -> None:
@@ -292,6 +325,8 @@ def _check_loss(loss: Mapping[str, Any]) -> None:
           "null or the path of the LPIPS linear-head weights", loss["lpips_lin_weights"])
     check_choice(loss["backend"], _name("loss.backend"), (None, "reference", "cpu", "cuda", "triton"))
     _need(isinstance(loss["batched"], bool), "loss.batched", "a bool", loss["batched"])
+    _need(isinstance(loss["allow_stochastic_student"], bool), "loss.allow_stochastic_student", "a bool",
+          loss["allow_stochastic_student"])
     check_choice(loss["teacher_precision"], _name("loss.teacher_precision"), ("auto", *TEACHER_PRECISIONS))
 
 
@@ -411,6 +446,7 @@ def _with_keys_added_since(stored: Mapping[str, Any]) -> dict:
         loss.setdefault("lpips_lin_weights", None)
     if isinstance(loss, dict):
         loss.setdefault("derivative", "fd")
+        loss.setdefault("allow_stochastic_student", False)
     stored.setdefault("lr_schedule", {"warmup_steps": 0, "decay": "constant", "decay_steps": 1000})
     stored.setdefault("power_ema", {"sigma_rels": [], "snapshot_every": 0})
     stored.setdefault("grid", {"sampling": "uniform", "weighting": "uniform", "stats_decay": 0.99,

@@ -58,3 +58,13 @@ def test_trainer_distils_the_guided_teacher(tmp_path):
         runs[name] = read_checkpoint(list_checkpoints(tmp_path / name)[0][1])["model"]
     assert all(torch.equal(runs["scale1"][k], runs["plain"][k]) for k in runs["plain"])
     assert any(not torch.equal(runs["guided"][k], runs["plain"][k]) for k in runs["plain"])
+
+
+def test_student_dropout_needs_allow_stochastic_student(tmp_path):
+    """A student with dropout gets different masks at t and t2: the trainer stops with PIDLoss's
+    error unless loss.allow_stochastic_student is set."""
+    config = _config(None, student={"init": "teacher", "dropout": 0.2})
+    with pytest.raises(ValueError, match="allow_stochastic_student"):
+        train(config, tmp_path / "a", threads=1)
+    config["loss"] = {"allow_stochastic_student": True}
+    assert train(config, tmp_path / "b", threads=1)["step"] == 2
