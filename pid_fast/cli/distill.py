@@ -191,8 +191,11 @@ def _write_samples(x, labels, seeds, out: str) -> None:
 @click.option("--grid", type=click.Choice(["scheduler", "karras"]), default=None,
               help="--teacher: 'scheduler' (a diffusers teacher's own sigmas, timesteps and initial noise scale: "
                    "the samples diffusers gives; its default) or 'karras' (EDM's grid; the default otherwise).")
+@click.option("--prompt", "prompts", multiple=True, metavar="TEXT",
+              help="A text-to-image student or teacher: the prompt (repeatable: image k takes prompt k mod the "
+                   "number given), encoded by the pipeline's text encoder; the latents are decoded by its VAE.")
 def sample(paths, num, seed_start, batch, weights, class_label, device, vae, teacher_source, sampler, steps,
-           grid) -> None:
+           grid, prompts) -> None:
     """One-step samples from a training CHECKPOINT (a file or a run folder; or an EDM snapshot .pkl
     trained with pid_fast's EDMPIDLoss, or its `pid-fast convert` file) into OUT, or with
     --teacher the teacher's ODE samples from the same per-seed latents: a folder of PNGs, or an
@@ -221,7 +224,8 @@ def sample(paths, num, seed_start, batch, weights, class_label, device, vae, tea
         require("diffusers", "diffusers")
     seeds = list(range(seed_start, seed_start + num))
     if teacher_source is not None:
-        _sample_teacher(teacher_source, out, seeds, batch, class_label, device, sampler or "heun", steps or 18, grid)
+        _sample_teacher(teacher_source, out, seeds, batch, class_label, device, sampler or "heun", steps or 18, grid,
+                        list(prompts))
         return
     checkpoint = paths[0]
     if not os.path.exists(checkpoint):
@@ -231,11 +235,15 @@ def sample(paths, num, seed_start, batch, weights, class_label, device, vae, tea
 
     try:
         net, meta, used = load_scored_student(checkpoint, weights=weights, device=device)
-        decode = None
-        if vae is not None:  # a latent student: its samples go through the VAE
+        decode, embeddings = None, _prompt_conditions(meta.get("text"), prompts, len(seeds), device)
+        if embeddings is not None:  # a text student: latents decoded by its pipeline's VAE
+            from pid_fast.train.prompts import pipeline_decoder
+            decode = pipeline_decoder(meta["text"]["pipeline"], device)
+        elif vae is not None:  # a latent student: its samples go through the VAE
             from pid_fast.eval.vae import LatentDecoder
             decode = LatentDecoder.from_path(vae, device=device)
-        x, labels = generate(net, meta, seeds, batch=batch, device=device, class_label=class_label, decode=decode)
+        x, labels = generate(net, meta, seeds, batch=batch, device=device, class_label=class_label, decode=decode,
+                             embeddings=embeddings)
     except (*_FILE_ERRORS, RuntimeError, ImportError) as exc:  # a damaged .pt; a diffusers student without diffusers
         raise click.ClickException(str(exc)) from None
     _write_samples(x, labels, seeds, out)
@@ -243,17 +251,38 @@ def sample(paths, num, seed_start, batch, weights, class_label, device, vae, tea
     click.echo(f"{num} samples from {meta['path']} (step {meta['step']}, weights {how}) -> {out}")
 
 
-def _sample_teacher(source, out, seeds, batch, class_label, device, solver, steps, grid) -> None:
-    """`sample --teacher`: the teacher's ODE samples (pid_fast.train.teacher_samples)."""
+def _prompt_conditions(text, prompts, count, device):
+    """The prompt embeddings of a text student or teacher (``text``: its {'pipeline': folder}, or
+    None), one per sample; a usage error for --prompt with other models or none with a text model."""
+    if text is None:
+        if prompts:
+            raise click.UsageError("--prompt applies to text-to-image students and teachers only")
+        return None
+    if not prompts:
+        raise click.UsageError(f"this model is text-conditioned (pipeline {text['pipeline']}): pass --prompt TEXT")
+    from pid_fast.train.prompts import encode_for_sampling
+
+    return encode_for_sampling(text["pipeline"], prompts, count, device)
+
+
+def _sample_teacher(source, out, seeds, batch, class_label, device, solver, steps, grid, prompts=()) -> None:
+    """`sample --teacher`: the teacher's ODE samples (pid_fast.train.teacher_samples); a
+    text-to-image teacher's from --prompt, decoded by its VAE."""
+    from pid_fast.train.prompts import pipeline_decoder, source_pipeline
     from pid_fast.train.teacher_samples import default_grid, load_sampling_teacher, teacher_samples
 
     if os.path.isdir(source):
         require("diffusers", "diffusers")
     try:
         teacher, shape, label_dim = load_sampling_teacher(source, device)
+        pipeline = source_pipeline(source)
+        embeddings = _prompt_conditions(None if pipeline is None else {"pipeline": pipeline}, prompts, len(seeds),
+                                        device)
+        decode = None if pipeline is None else pipeline_decoder(pipeline, device)
         grid = grid or default_grid(teacher)
         x, labels = teacher_samples(teacher, shape, label_dim, seeds, solver=solver, num_steps=steps, grid=grid,
-                                    batch=batch, device=device, class_label=class_label)
+                                    batch=batch, device=device, class_label=class_label, embeddings=embeddings,
+                                    decode=decode)
     except (*_FILE_ERRORS, RuntimeError, ImportError) as exc:
         raise click.ClickException(str(exc)) from None
     _write_samples(x, labels, seeds, out)
@@ -287,6 +316,18 @@ def export_diffusers(checkpoint, out, weights, overwrite) -> None:
     if not isinstance(net, DiffusersUNet):
         raise click.ClickException(f"{meta['path']}: its student is not a diffusers UNet (teacher kind 'diffusers' "
                                    f"trains one); nothing to export")
+    if meta.get("text"):  # a text-to-image student: with the teacher's text encoder, tokenizer and VAE
+        from pid_fast.io.text_export import export_text_to_image
+
+        try:
+            settings = export_text_to_image(net, meta, out)
+        except (*_FILE_ERRORS, OSError) as exc:  # e.g. the recorded teacher pipeline moved away
+            raise click.ClickException(str(exc)) from None
+        click.echo(f"student of {meta['path']} (step {meta['step']}, weights {used}) -> {out}: a one-step "
+                   f"text-to-image diffusers pipeline (DiffusionPipeline.from_pretrained({out!r}, "
+                   f"trust_remote_code=True)(prompt); text encoder, tokenizer and VAE copied from "
+                   f"{meta['text']['pipeline']})")
+        return
     settings = export_one_step(net, meta, out)
     click.echo(f"student of {meta['path']} (step {meta['step']}, weights {used}) -> {out}: a one-step diffusers "
                f"pipeline (DiffusionPipeline.from_pretrained({out!r}, trust_remote_code=True); timestep "

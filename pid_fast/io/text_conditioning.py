@@ -93,7 +93,8 @@ def text_pipeline_parts(path: str | os.PathLike, *, name: str = "teacher.path") 
         raise CheckpointFormatError(
             f"{name}: {path!r} holds a text-conditioned UNet (UNet2DConditionModel) but lacks "
             f"{', '.join(m + '/' for m in missing)}: a text-to-image pipeline folder needs unet/, scheduler/, "
-            f"{'/, '.join(TEXT_COMPONENTS)}/ (StableDiffusionPipeline.save_pretrained writes them)")
+            f"{'/, '.join(TEXT_COMPONENTS)}/ (StableDiffusionPipeline.save_pretrained writes them); with "
+            f"conditions of your own, use PIDLoss in your loop with encoder_hidden_states (examples/diffusers_loop.py)")
     return parts
 
 

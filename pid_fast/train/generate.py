@@ -59,14 +59,19 @@ def checkpoint_weights(state: Mapping[str, Any], weights: str, checkpoint: str) 
 
 @torch.no_grad()
 def generate(net: nn.Module, meta: Mapping[str, Any], seeds, batch: int = 64, device="cpu",
-             class_label: Optional[int] = None, decode: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
-             ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+             class_label: Optional[int] = None, decode: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+             embeddings: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """One-step samples (B, C, H, W) in [-1, 1] on the CPU for the given seeds (the latents and
     class labels of seed k depend only on k), and the integer class labels (or None).
     ``decode`` maps a latent student's unclamped samples to images in [-1, 1] (e.g.
-    pid_fast.eval.vae.LatentDecoder)."""
+    pid_fast.eval.vae.LatentDecoder). ``embeddings``: a text student's conditions, one prompt
+    embedding per seed [len(seeds), L, D] (pid_fast.train.prompts.encode_for_sampling)."""
     seeds = list(seeds)
     label_dim = int(meta["label_dim"])
+    if meta.get("text") is not None and (embeddings is None or embeddings.shape[0] != len(seeds)):
+        got = "none" if embeddings is None else f"{embeddings.shape[0]}"
+        raise ValueError(f"embeddings: this student is text-conditioned; pass one prompt embedding per seed "
+                         f"({len(seeds)}), got {got} (pid-fast sample --prompt)")
     if class_label is not None and not (label_dim and 0 <= class_label < label_dim):
         raise ValueError(f"class_label must be in [0, {label_dim}) for this student, got {class_label!r}")
     c_noise = noise_labels(meta["noise_rule"])  # t -> the student's noise label
@@ -75,9 +80,11 @@ def generate(net: nn.Module, meta: Mapping[str, Any], seeds, batch: int = 64, de
         z, labels = seeded_latents(seeds[start:start + batch], meta["shape"], label_dim, device=device)
         if labels is not None and class_label is not None:
             labels = F.one_hot(torch.full((z.shape[0],), class_label, device=device), label_dim).float()
+        if embeddings is not None:
+            labels = embeddings[start:start + batch].to(device)
         x = student_sample(net, z, labels, sigma_min=meta["sigma_min"], sigma_max=meta["sigma_max"],
                            sigma_data=meta["sigma_data"], noise_labels=c_noise, clamp=decode is None)
         images.append((x if decode is None else decode(x)).float().cpu())
-        if labels is not None:
+        if labels is not None and label_dim:
             classes.append(labels.argmax(1).cpu())
     return torch.cat(images), (torch.cat(classes) if classes else None)

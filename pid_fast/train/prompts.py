@@ -19,9 +19,10 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from pid_fast.io.text_conditioning import cached_embeddings, is_text_pipeline, read_prompts
+from pid_fast.io.text_conditioning import cached_embeddings, is_text_pipeline, read_prompts, text_pipeline_parts
 
 __all__ = ["TextConditions", "text_conditions", "prepare_text_conditions", "pipeline_decoder", "uses_text",
+           "encode_for_sampling", "negative_embedding", "source_pipeline",
            "EMBEDDINGS_DIR", "prompt_seed"]
 
 EMBEDDINGS_DIR = "text_embeddings"  # inside the run folder
@@ -82,6 +83,7 @@ def text_conditions(tcfg: Mapping[str, Any], cache_dir: Optional[str], device: t
     if not is_text_pipeline(path):
         raise ValueError(f"config['teacher.prompts'] is set but the UNet of {tcfg['path']!r} is not text-conditioned "
                          f"(a UNet2DConditionModel); drop teacher.prompts")
+    text_pipeline_parts(path)  # names a missing text_encoder/, tokenizer/ or vae/
     if tcfg.get("prompts") is None:
         raise ValueError(f"config['teacher.prompts'] is required: {tcfg['path']!r} is a text-conditioned pipeline "
                          f"(UNet2DConditionModel), and PID draws its conditions from a prompt set (a text file with "
@@ -113,3 +115,41 @@ def pipeline_decoder(pipeline: str, device: torch.device | str = "cpu"):
     from pid_fast.eval.vae import ScaledLatentDecoder
 
     return ScaledLatentDecoder.from_path(os.path.join(pipeline, "vae"), device=device)
+
+
+def encode_for_sampling(pipeline: str, prompts: list[str], count: int,
+                        device: torch.device | str = "cpu") -> torch.Tensor:
+    """Embeddings [count, L, D] for ``count`` samples: sample k takes prompt k mod len(prompts),
+    encoded by the text encoder of the pipeline folder (as the trainer encodes)."""
+    from pid_fast.io.text_conditioning import load_text_encoder
+
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"prompts: one or more prompt strings, got {prompts!r}")
+    encoded = load_text_encoder(pipeline, device)(list(prompts))
+    return encoded[torch.arange(count) % len(prompts)]
+
+
+def negative_embedding(tcfg: Mapping[str, Any], device: torch.device | str = "cpu") -> Optional[torch.Tensor]:
+    """The unconditional input [1, L, D] of a guided text teacher of config['teacher'] (its
+    guidance.negative_prompt, '' when unset), encoded without the prompt set; None for other teachers."""
+    from pid_fast.io.text_conditioning import load_text_encoder
+
+    if tcfg.get("kind") != "diffusers" or not is_text_pipeline(tcfg["path"]) or tcfg.get("guidance") is None:
+        return None
+    negative_prompt = tcfg["guidance"].get("negative_prompt") or ""
+    return load_text_encoder(tcfg["path"], device)([negative_prompt])
+
+
+def source_pipeline(source: str | os.PathLike) -> Optional[str]:
+    """The text-to-image pipeline folder of a `pid-fast sample --teacher` source (a folder, or a
+    trainer config whose teacher is one), else None."""
+    source = os.fspath(source)
+    if os.path.isdir(source):
+        return os.path.abspath(source) if is_text_pipeline(source) else None
+    if source.endswith((".json", ".yaml", ".yml")) and os.path.isfile(source):
+        from pid_fast.train.config import load_config, resolve_config
+
+        tcfg = resolve_config(load_config(source))["teacher"]
+        if tcfg.get("kind") == "diffusers" and is_text_pipeline(tcfg["path"]):
+            return os.path.abspath(tcfg["path"])
+    return None

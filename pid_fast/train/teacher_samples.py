@@ -28,6 +28,7 @@ def load_sampling_teacher(source: str | os.PathLike, device: torch.device | str 
     (an EDM .pkl or a file written by `pid-fast convert`)."""
     from pid_fast.train.builders import build_teacher
     from pid_fast.train.config import load_config, resolve_config
+    from pid_fast.train.prompts import negative_embedding
 
     source = os.fspath(source)
     device = torch.device(device)
@@ -39,7 +40,7 @@ def load_sampling_teacher(source: str | os.PathLike, device: torch.device | str 
         tcfg = resolve_config(load_config(source))["teacher"]
     else:
         tcfg = {"kind": "edm", "path": source}
-    teacher, net_cfg = build_teacher(tcfg, device)
+    teacher, net_cfg = build_teacher(tcfg, device, negative_embedding(tcfg, device))  # (a guided text teacher's)
     if net_cfg is None:
         raise ValueError(f"{name}: the {tcfg['kind']!r} teacher of {source!r} has no network, so no image shape; "
                          f"sample a teacher with a network (kinds 'network', 'edm', 'diffusers')")
@@ -50,12 +51,13 @@ def load_sampling_teacher(source: str | os.PathLike, device: torch.device | str 
 @torch.no_grad()
 def teacher_samples(teacher: Any, shape, label_dim: int, seeds, *, solver: str = "heun", num_steps: int = 18,
                     grid: Optional[str] = None, batch: int = 64, device: torch.device | str = "cpu",
-                    class_label: Optional[int] = None, clamp: bool = True
-                    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+                    class_label: Optional[int] = None, clamp: bool = True, embeddings: Optional[torch.Tensor] = None,
+                    decode: Optional[Any] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Samples (B, C, H, W) on the CPU (clamped to [-1, 1] unless ``clamp`` is False) and the
     integer class labels (or None) for ``seeds``: latents and labels of seed k from seed k alone
     (pid_fast.sampling.seeded_latents, as for student samples). grid: 'karras' | 'scheduler'
-    (None: pid_fast.sampling.default_grid)."""
+    (None: pid_fast.sampling.default_grid). A text teacher: ``embeddings`` [len(seeds), L, D], one
+    prompt embedding per seed; ``decode``: latents -> images in [-1, 1] (pid_fast.train.prompts.pipeline_decoder)."""
     grid = default_grid(teacher) if grid is None else grid
     if grid not in GRIDS:
         raise ValueError(f"grid must be one of {GRIDS}, got {grid!r}")
@@ -67,8 +69,12 @@ def teacher_samples(teacher: Any, shape, label_dim: int, seeds, *, solver: str =
         z, labels = seeded_latents(seeds[start:start + batch], shape, label_dim, device=device)
         if labels is not None and class_label is not None:
             labels = F.one_hot(torch.full((z.shape[0],), class_label, device=device), label_dim).float()
+        if embeddings is not None:
+            labels = embeddings[start:start + batch].to(device)
         x = ode_sample(teacher, z, labels, solver=solver, num_steps=num_steps, grid=grid).float()
+        if decode is not None:
+            x = decode(x)
         images.append((x.clamp(-1, 1) if clamp else x).cpu())
-        if labels is not None:
+        if labels is not None and label_dim:
             classes.append(labels.argmax(1).cpu())
     return torch.cat(images), (torch.cat(classes) if classes else None)
