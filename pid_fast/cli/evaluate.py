@@ -2,9 +2,15 @@
 run, computed with clean-fid. ``register(group)`` attaches it to a click group (the `pid-fast`
 group of pid_fast/cli/__init__.py).
 
+With ``--teacher-samples`` (the teacher's multi-step samples, e.g. `pid-fast sample --teacher`'s
+.npz) or ``--against-teacher`` (a teacher, sampled here), the distance to the teacher comes first:
+the FD between the student's and the teacher's samples from the same seeds and labels, and the
+per-sample RMSE (LPIPS with --lpips) to them; ``--all-checkpoints`` then picks the best by it.
+
+    pid-fast fid runs/c10 --teacher-samples teacher-c10.npz --ref cifar10-32x32.npz --inception inception-2015-12-05.pt
     pid-fast fid runs/c10 --ref cifar10-32x32.npz --inception inception-2015-12-05.pt --num 50000
     pid-fast fid samples/ --features digits --kid
-    pid-fast fid pid-demo/run --features digits --all-checkpoints --num 5000
+    pid-fast fid pid-demo/run --features digits --all-checkpoints --num 5000 --against-teacher pid-demo/run/config.json
 """
 
 from __future__ import annotations
@@ -63,28 +69,81 @@ def _reference(ref, feature_kind: str, extractor, batch: int, device: str):
     return ref, metrics.feature_statistics(feats), feats
 
 
-def _score_source(source, *, extractor, feature_kind, ref, num, seed_start, weights, batch, device, kid,
-                  save_stats, vae=None) -> None:
-    """The single-source path: SOURCE's features, then its distance to the reference."""
+def _teacher_reference(teacher_samples_path, teacher_source, *, extractor, num, seed_start, teacher_sampler,
+                       teacher_steps, lpips, batch, device):
+    """(TeacherDistance, the seeds its samples come from (None: a folder of images, paired by
+    order), description) of --teacher-samples / --against-teacher, or None without either."""
+    import numpy as np
+
     from pid_fast.eval import metrics
 
+    if teacher_samples_path is None and teacher_source is None:
+        return None
+    seeds = None
+    if teacher_source is not None:
+        from pid_fast.train.teacher_samples import load_sampling_teacher, teacher_samples
+
+        teacher, shape, label_dim = load_sampling_teacher(teacher_source, device=device, name="--against-teacher")
+        n = num or 50000
+        seeds = list(range(seed_start, seed_start + n))
+        click.echo(f"sampling the teacher {teacher_source}: {n} samples, {teacher_sampler} {teacher_steps} steps "
+                   f"(seeds {seed_start}..{seed_start + n - 1}) ...")
+        images, _ = teacher_samples(teacher, shape, label_dim, seeds, solver=teacher_sampler, num_steps=teacher_steps,
+                                    batch=batch, device=device)
+        how = f"{teacher_sampler} {teacher_steps} steps"
+    else:
+        images = metrics.load_images(teacher_samples_path)
+        if teacher_samples_path.endswith(".npz"):
+            with metrics._open_npz(teacher_samples_path, "--teacher-samples") as data:
+                if "seeds" in data:
+                    seeds = [int(k) for k in np.asarray(data["seeds"])]
+            if seeds is not None and len(seeds) != images.shape[0]:
+                raise ValueError(f"--teacher-samples: {teacher_samples_path!r} holds {images.shape[0]} images but "
+                                 f"{len(seeds)} seeds")
+        how = teacher_samples_path
+        if num is not None and num != images.shape[0]:
+            raise ValueError(f"--num: {num} samples asked, but --teacher-samples holds {images.shape[0]} (the "
+                             f"student is scored on the teacher's samples' seeds; leave --num out)")
+    return metrics.TeacherDistance(images, extractor, batch=batch, device=device, lpips=lpips), seeds, how
+
+
+def _echo_teacher_distance(scores: dict, how: str) -> None:
+    # (an FD of identical sets can come out as -1e-9 from the matrix square root: shown as 0)
+    click.echo(f"distance to the teacher's samples ({how}, same seeds): FD {max(scores['fd_teacher'], 0.0):.4f}, "
+               f"RMSE {scores['rmse_teacher']:.4f}"
+               + (f", LPIPS {scores['lpips_teacher']:.4f}" if "lpips_teacher" in scores else ""))
+
+
+def _score_source(source, *, extractor, feature_kind, ref, num, seed_start, weights, batch, device, kid,
+                  save_stats, vae=None, teacher=None) -> None:
+    """The single-source path: SOURCE's features, then its distance to the teacher's samples (with
+    ``teacher``: ``_teacher_reference``'s), then to the reference."""
+    from pid_fast.eval import metrics
+
+    teacher_distance, teacher_seeds, how = teacher if teacher is not None else (None, None, None)
     if _is_checkpoint(source):
         from pid_fast.eval.checkpoints import load_scored_student
         from pid_fast.train import generate
 
         net, meta, used = load_scored_student(source, weights=weights, device=device)
-        n = num or 50000
+        seeds = teacher_seeds if teacher_seeds is not None else range(seed_start, seed_start + (num or 50000))
+        n = len(seeds)
         how = f"{used}, picked by the 'auto' rule" if weights == "auto" else used
         click.echo(f"generating {n} one-step samples from {meta['path']} (step {meta['step']}, weights {how}) ...")
         decode = None
         if vae is not None:  # a latent student: its samples go through the VAE (pid_fast.eval.vae)
             from pid_fast.eval.vae import LatentDecoder
             decode = LatentDecoder.from_path(vae, device=device)
-        images, _ = generate(net, meta, range(seed_start, seed_start + n), batch=batch, device=device, decode=decode)
+        images, _ = generate(net, meta, seeds, batch=batch, device=device, decode=decode)
     else:
         images = metrics.load_images(source, num=num)
     feats = metrics.features_of(extractor, images, batch=batch, device=device)
     click.echo(f"{source}: {feats.shape[0]} images, {feats.shape[1]}-d {feature_kind} features")
+    if teacher_distance is not None:
+        if tuple(images.shape) != tuple(teacher_distance.images.shape):
+            raise ValueError(f"--teacher-samples: the teacher's samples are {tuple(teacher_distance.images.shape)}, "
+                             f"SOURCE's {tuple(images.shape)}; score the same seeds (one image per teacher sample)")
+        _echo_teacher_distance(teacher_distance.from_features(feats, images), how)
     if save_stats:
         metrics.save_reference_stats(save_stats, feats)
         click.echo(f"statistics -> {save_stats}")
@@ -103,28 +162,41 @@ def _score_source(source, *, extractor, feature_kind, ref, num, seed_start, weig
         click.echo(f"KID vs {ref_name}: {metrics.kernel_distance(feats, ref_feats):.6f}")
 
 
-def _score_run(run_dir, *, extractor, feature_kind, ref, num, seed_start, batch, device, kid) -> None:
-    """--all-checkpoints: every checkpoint x every weight set, a table, a plot and the best."""
+def _score_run(run_dir, *, extractor, feature_kind, ref, num, seed_start, batch, device, kid, teacher=None) -> None:
+    """--all-checkpoints: every checkpoint x every weight set, a table, a plot and the best (by
+    the FD to the teacher's samples when ``teacher`` is given, else by the FD to the reference)."""
     from pid_fast.eval import checkpoints
 
-    ref_name, ref_stats, ref_feats = _reference(ref, feature_kind, extractor, batch, device)
+    reference = _reference(ref, feature_kind, extractor, batch, device)
+    ref_name, ref_stats, ref_feats = reference if reference is not None else (None, None, None)
     if kid and ref_feats is None:
         raise click.UsageError("--kid needs reference images (KID is not computable from mu/sigma)")
     name = "FID" if feature_kind == "inception" else "digits FD"
-    n = num or 50000
+    teacher_distance, teacher_seeds, how = teacher if teacher is not None else (None, None, None)
+    if teacher_distance is not None and teacher_seeds is None:
+        raise click.UsageError("--all-checkpoints generates from seeds: give --teacher-samples as an .npz with "
+                               "'seeds' (`pid-fast sample --teacher`) or use --against-teacher")
+    seeds = list(teacher_seeds) if teacher_seeds is not None else list(range(seed_start, seed_start + (num or 50000)))
+    n = len(seeds)
     click.echo(f"scoring every checkpoint of {run_dir} with the raw weights and every EMA: {n} one-step samples "
-               f"each (seeds {seed_start}..{seed_start + n - 1}), {name} vs {ref_name}"
+               f"each (seeds {seeds[0]}..{seeds[-1]}), "
+               + (f"distance to the teacher's samples ({how}) first, " if teacher_distance is not None else "")
+               + (f"{name} vs {ref_name}" if ref_name is not None else "")
                + (" and KID" if ref_feats is not None else ""))
-    score = checkpoints.fd_scorer(extractor, ref_stats, ref_feats, batch=batch, device=device)
-    rows = checkpoints.score_checkpoints(run_dir, score, num=n, seed_start=seed_start, batch=batch, device=device,
+    score = checkpoints.fd_scorer(extractor, ref_stats, ref_feats, batch=batch, device=device,
+                                  teacher=teacher_distance)
+    rows = checkpoints.score_checkpoints(run_dir, score, num=n, seeds=seeds, batch=batch, device=device,
                                          log=click.echo)
+    key = "fd_teacher" if teacher_distance is not None else "fd"
+    label = f"{name} to the teacher's samples" if key == "fd_teacher" else name
     prefix = os.path.join(run_dir, f"scores-{feature_kind}")
     csv_path, json_path = checkpoints.write_scores(rows, prefix)
-    png_path = checkpoints.plot_scores(rows, prefix + ".png", ylabel=name,
-                                       title=f"One-step {name} of each checkpoint ({n} samples)")
-    best = checkpoints.best_score(rows)
+    png_path = checkpoints.plot_scores(rows, prefix + ".png", key=key, ylabel=label,
+                                       title=f"One-step {label} of each checkpoint ({n} samples)")
+    best = checkpoints.best_score(rows, key=key)
     click.echo(f"table -> {csv_path}, {json_path}; plot -> {png_path}")
-    click.echo(f"best: step {best['step']}, weights {best['weights']} ({name} {best['fd']:.4f})")
+    extra = f", RMSE {best['rmse_teacher']:.4f}" if key == "fd_teacher" else ""
+    click.echo(f"best: step {best['step']}, weights {best['weights']} ({label} {max(best[key], 0.0):.4f}{extra})")
 
 
 @click.command("fid")
@@ -154,8 +226,27 @@ def _score_run(run_dir, *, extractor, feature_kind, ref, num, seed_start, batch,
 @click.option("--vae", default=None, metavar="DIR", type=click.Path(exists=True, file_okay=False),
               help="Checkpoint SOURCE of a latent teacher (e.g. EDM2 img512): decode the samples with this local "
                    "diffusers AutoencoderKL folder (EDM2's latent scaling; pid_fast.eval.vae).")
+@click.option("--teacher-samples", default=None, metavar="FILE.npz|DIR", type=click.Path(exists=True),
+              help="The teacher's multi-step samples (`pid-fast sample --teacher`'s .npz: the student samples the "
+                   "same seeds, hence the same noise and labels; or a folder / .npz of images paired by order). "
+                   "Reports the distance to them first: FD between the two sets and per-sample RMSE (and LPIPS "
+                   "with --lpips); --all-checkpoints picks the best by that FD.")
+@click.option("--against-teacher", "teacher_source", default=None, metavar="CONFIG|FOLDER|FILE",
+              type=click.Path(exists=True),
+              help="As --teacher-samples, sampling the teacher here from seeds --seed-start.. (--num of them): a "
+                   "trainer config (its 'teacher', e.g. RUN/config.json), a diffusers folder or a teacher file.")
+@click.option("--teacher-sampler", type=click.Choice(["heun", "euler"]), default="heun", show_default=True,
+              help="--against-teacher: the ODE solver.")
+@click.option("--teacher-steps", type=click.IntRange(min=1), default=18, show_default=True,
+              help="--against-teacher: sampling steps (Heun: 2 steps - 1 teacher calls).")
+@click.option("--lpips", "lpips_weights", default=None, metavar="PATH", type=click.Path(exists=True, dir_okay=False),
+              help="With a teacher's samples: also the mean per-sample LPIPS to them, with these local VGG16 "
+                   "weights (pid_fast.eval.lpips; nothing is downloaded).")
+@click.option("--lpips-lin", default=None, metavar="PATH", type=click.Path(exists=True, dir_okay=False),
+              help="--lpips: the LPIPS linear heads (default: those of the installed lpips package).")
 def fid(source, ref, feature_kind, inception_path, feature_net, num, seed_start, weights, all_checkpoints, batch,
-        device, kid, save_stats, vae) -> None:
+        device, kid, save_stats, vae, teacher_samples, teacher_source, teacher_sampler, teacher_steps, lpips_weights,
+        lpips_lin) -> None:
     """Frechet distance of SOURCE against reference statistics, computed with clean-fid.
 
     SOURCE is a folder of images, an .npz of images ('x' float NCHW in [-1, 1], or uint8
@@ -163,19 +254,32 @@ def fid(source, ref, feature_kind, inception_path, feature_net, num, seed_start,
     trained with pid_fast's EDMPIDLoss (or its `pid-fast convert` .safetensors), whose one-step samples
     are generated and scored unquantised (the PID reference code's protocol: 50k samples,
     legacy_tensorflow Inception on float images). Nothing is downloaded: pass --inception.
-    Without --ref, only --save-stats is done (e.g. to build reference statistics)."""
+    With --teacher-samples or --against-teacher, the distance to the teacher's samples from the
+    same seeds comes first (FD between the sets, per-sample RMSE / LPIPS).
+    Without --ref or a teacher, only --save-stats is done (e.g. to build reference statistics)."""
     device = pick_device(device)
+    with_teacher = teacher_samples is not None or teacher_source is not None
+    if teacher_samples is not None and teacher_source is not None:
+        raise click.UsageError("--teacher-samples and --against-teacher exclude each other (give the samples, or "
+                               "the teacher to sample)")
+    if (lpips_weights is not None or lpips_lin is not None) and not with_teacher:
+        raise click.UsageError("--lpips measures the distance to the teacher's samples: give --teacher-samples or "
+                               "--against-teacher")
+    if lpips_lin is not None and lpips_weights is None:
+        raise click.UsageError("--lpips-lin needs --lpips (the VGG16 backbone weights)")
     if all_checkpoints:
         if not (os.path.isdir(source) and _is_checkpoint(source)):
             raise click.UsageError(f"--all-checkpoints: {source} is not a run folder with checkpoint-*.pt files")
         if save_stats:
             raise click.UsageError("--save-stats writes the statistics of one source; not with --all-checkpoints")
-        if feature_kind == "inception" and ref is None:
-            raise click.UsageError("--all-checkpoints needs --ref (reference statistics or images)")
+        if feature_kind == "inception" and ref is None and not with_teacher:
+            raise click.UsageError("--all-checkpoints needs --ref (reference statistics or images) or a teacher's "
+                                   "samples (--teacher-samples / --against-teacher)")
         if vae is not None:
             raise click.UsageError("--vae scores one checkpoint; not with --all-checkpoints")
-    elif feature_kind == "inception" and ref is None and save_stats is None:
-        raise click.UsageError("give --ref (reference statistics or images) and/or --save-stats")
+    elif feature_kind == "inception" and ref is None and save_stats is None and not with_teacher:
+        raise click.UsageError("give --ref (reference statistics or images), a teacher's samples (--teacher-samples / "
+                               "--against-teacher) and/or --save-stats")
     needed = ["cleanfid"]
     if feature_kind == "digits" and ref is None:
         needed.append("sklearn")  # the 1797 digits
@@ -189,13 +293,21 @@ def fid(source, ref, feature_kind, inception_path, feature_net, num, seed_start,
 
     extractor = _extractor(feature_kind, inception_path, feature_net, device)
     try:
+        lpips = None
+        if lpips_weights is not None:
+            from pid_fast.eval.lpips import LPIPSNorm
+
+            lpips = LPIPSNorm(lpips_weights, lin_weights=lpips_lin).to(device)
+        teacher = _teacher_reference(teacher_samples, teacher_source, extractor=extractor, num=num,
+                                     seed_start=seed_start, teacher_sampler=teacher_sampler,
+                                     teacher_steps=teacher_steps, lpips=lpips, batch=batch, device=device)
         if all_checkpoints:
             _score_run(source, extractor=extractor, feature_kind=feature_kind, ref=ref, num=num,
-                       seed_start=seed_start, batch=batch, device=device, kid=kid)
+                       seed_start=seed_start, batch=batch, device=device, kid=kid, teacher=teacher)
         else:
             _score_source(source, extractor=extractor, feature_kind=feature_kind, ref=ref, num=num,
                           seed_start=seed_start, weights=weights, batch=batch, device=device, kid=kid,
-                          save_stats=save_stats, vae=vae)
+                          save_stats=save_stats, vae=vae, teacher=teacher)
     except _INPUT_ERRORS as exc:  # e.g. a broken .pt
         raise click.ClickException(str(exc)) from None
 

@@ -3,11 +3,14 @@
 ``run_demo`` checks its options (into a ``pid_fast.demo.settings.DemoRun``), then runs four stages:
 
 1. ``baselines``: the teacher's EDM Heun sampler with 18 steps (35 network evaluations) and a
-   single Euler step on fixed seeds, and the real digits; their digits FD / KID against the
-   1797 real digits (features of the bundled digits classifier, ``pid_fast.eval.digits``).
+   single Euler step on fixed seeds, and the real digits; their distance to the teacher's Heun
+   samples (FD between the two sample sets, and the per-pixel RMSE to the Heun sample from the
+   same noise), then their digits FD / KID against the 1797 real digits (features of the bundled
+   digits classifier, ``pid_fast.eval.digits``).
 2. ``distill``: PID-distil a one-step student from the teacher with ``pid_fast.train.train``
    (the same trainer as ``pid-fast distill``), in chunks; after each chunk the student's
-   one-step FD is measured, so the run also yields an FD-over-training curve, and a time
+   one-step FD to the teacher's samples and to the data are measured, so the run also yields
+   curves over training, and a time
    budget can stop it early on a slow machine (at a chunk boundary; ``--resume`` continues it).
 3. ``score``: the student's one-step samples from the same seeds, with the chosen weights.
 4. ``report``: pictures (student vs teacher from the same noise, the loss curve, FD over
@@ -34,7 +37,8 @@ from pid_fast.demo.files import DEFAULT_FEATURES, DEFAULT_TEACHER
 from pid_fast.demo.settings import DEMO_DEFAULTS, DemoRun, demo_config
 from pid_fast.demo.teacher import load_digits_teacher
 from pid_fast.eval.checkpoints import pick_weights
-from pid_fast.eval.metrics import DigitsFeatures, digits_reference_features, fd_from_features, kernel_distance
+from pid_fast.eval.metrics import (DigitsFeatures, TeacherDistance, digits_reference_features, fd_from_features,
+                                   kernel_distance)
 from pid_fast.eval.plots import plot_fd_over_training, plot_fd_vs_n, plot_loss_curve, save_comparison_grid
 from pid_fast.sampling import euler_sample, heun_sample, seeded_latents
 from pid_fast.train import generate, list_checkpoints, load_student, resolve_config, train
@@ -46,24 +50,38 @@ __all__ = ["DEMO_DEFAULTS", "DemoRun", "demo_config", "pick_weights", "run_demo"
 
 
 class DigitsScorer:
-    """FD and KID of [B, 1, 16, 16] image batches against the 1797 real digits, in the feature
-    space of the digits classifier at ``features_path``."""
+    """Scores of [B, 1, 16, 16] image batches in the feature space of the digits classifier at
+    ``features_path``: first the distance to the teacher's Heun samples from the run's seeds
+    (``use_teacher``; FD between the two sets, and the per-pixel RMSE to the Heun sample from the
+    same noise: how well a one-step sampler reproduces the teacher's ODE solution, not just its
+    distribution), then FD and KID against the 1797 real digits."""
 
     def __init__(self, features_path: str):
         self.features = DigitsFeatures(features_path)
+        self.teacher: Optional[TeacherDistance] = None
+
+    def use_teacher(self, heun_images: torch.Tensor) -> None:
+        self.teacher = TeacherDistance(heun_images, self.features)
 
     def fd(self, images: torch.Tensor) -> float:
         return fd_from_features(self.features.features(images), digits_reference_features(self.features))
 
-    def __call__(self, images: torch.Tensor) -> dict[str, float]:
+    def curves(self, images: torch.Tensor) -> dict[str, float]:
+        """{'fd_teacher', 'fd'} of samples from the run's seeds (the FD-over-training points)."""
+        feats = self.features.features(images)
+        return {"fd_teacher": fd_from_features(feats, self.teacher.stats),
+                "fd": fd_from_features(feats, digits_reference_features(self.features))}
+
+    def __call__(self, images: torch.Tensor, same_noise: bool = True) -> dict[str, float]:
+        """{'fd_teacher', 'rmse_to_heun' (samples from the run's seeds only: ``same_noise``), 'fd',
+        'kid'}."""
         feats, ref = self.features.features(images), digits_reference_features(self.features)
-        return {"fd": fd_from_features(feats, ref), "kid": kernel_distance(feats, ref)}
-
-
-def _rmse(x: torch.Tensor, reference: torch.Tensor) -> float:
-    # Per-pixel RMS distance to the teacher's Heun sample from the same noise: how well a
-    # one-step sampler reproduces the teacher's ODE solution, not just its distribution.
-    return float((x - reference).square().mean().sqrt())
+        out: dict[str, float] = {}
+        if self.teacher is not None:
+            out["fd_teacher"] = fd_from_features(feats, self.teacher.stats)
+            if same_noise:
+                out["rmse_to_heun"] = self.teacher.from_features(feats, images)["rmse_teacher"]
+        return {**out, "fd": fd_from_features(feats, ref), "kid": kernel_distance(feats, ref)}
 
 
 def run_demo(out_dir: str | os.PathLike = "pid-demo", *, steps: int = DEMO_DEFAULTS["steps"],
@@ -115,7 +133,7 @@ def run_demo(out_dir: str | os.PathLike = "pid-demo", *, steps: int = DEMO_DEFAU
         _use_threads(threads, teacher, run)
         rows, samples = baselines(run, teacher, scorer)
         distillation = distill(run, scorer)
-        rows["student"], samples["student"], chosen, final_step = score(run, scorer, samples["heun"])
+        rows["student"], samples["student"], chosen, final_step = score(run, scorer)
         analytic_rows = _analytic_sweep(run) if analytic else None
         return report(run, rows, samples, distillation, chosen=chosen, final_step=final_step,
                       analytic_rows=analytic_rows)
@@ -171,46 +189,53 @@ def _use_threads(threads: Optional[int], teacher: torch.nn.Module, run: DemoRun)
 
 
 def baselines(run: DemoRun, teacher: torch.nn.Module, scorer: DigitsScorer) -> tuple[dict, dict]:
-    """The rows a student is compared with, keyed 'real', 'heun', 'euler' (label, nfe, fd, kid,
-    seconds, rmse_to_heun), and the teacher's samples from the run's seeds, keyed 'heun', 'euler'."""
+    """The rows a student is compared with, keyed 'real', 'heun', 'euler' (label, nfe, fd_teacher,
+    rmse_to_heun (not for 'real'), fd, kid, seconds), and the teacher's samples from the run's
+    seeds, keyed 'heun', 'euler'. Sets ``scorer``'s teacher samples (the Heun ones)."""
     shape = _image_shape(teacher)
     z, _ = seeded_latents(run.seeds, shape)
+    run.log("teacher baselines (Heun 18 steps = 35 evaluations; Euler 1 step) ...")
+    samples: dict[str, torch.Tensor] = {}
+    seconds: dict[str, float] = {}
+    for key, sampler, num_steps in (("heun", heun_sample, 18), ("euler", euler_sample, 1)):
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            samples[key] = sampler(teacher, z, num_steps=num_steps).float().clamp(-1, 1)
+        seconds[key] = time.perf_counter() - t0
+    scorer.use_teacher(samples["heun"])
     # Real images: what an ideal generator would score at this sample size (a subset of the
-    # reference set, so slightly optimistic).
+    # reference set, so slightly optimistic); their FD to the teacher's samples is the teacher's
+    # own distance to the data, seen from the other side.
     real, _ = load_digits(shape[1])
     perm = torch.randperm(real.shape[0], generator=torch.Generator().manual_seed(run.seed))
     perm = perm[:min(run.num_samples, real.shape[0])]
     rows: dict[str, dict[str, Any]] = {
-        "real": {"label": f"real digits ({perm.numel()} of the reference set)", "nfe": 0, **scorer(real[perm]),
-                 "seconds": 0.0}}
-    run.log("teacher baselines (Heun 18 steps = 35 evaluations; Euler 1 step) ...")
-    samples: dict[str, torch.Tensor] = {}
-    for key, label, nfe, sampler, num_steps in (("heun", "teacher, Heun 18 steps", 35, heun_sample, 18),
-                                                 ("euler", "teacher, Euler 1 step", 1, euler_sample, 1)):
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            samples[key] = sampler(teacher, z, num_steps=num_steps).float().clamp(-1, 1)
-        rows[key] = {"label": label, "nfe": nfe, **scorer(samples[key]), "seconds": time.perf_counter() - t0}
-    rows["heun"]["rmse_to_heun"] = 0.0
-    rows["euler"]["rmse_to_heun"] = _rmse(samples["euler"], samples["heun"])
-    run.log(f"  Heun FD {rows['heun']['fd']:.3f} ({rows['heun']['seconds']:.0f}s), "
-            f"Euler FD {rows['euler']['fd']:.3f}")
+        "real": {"label": f"real digits ({perm.numel()} of the reference set)", "nfe": 0,
+                 **scorer(real[perm], same_noise=False), "seconds": 0.0},
+        "heun": {"label": "teacher, Heun 18 steps", "nfe": 35, **scorer(samples["heun"]), "seconds": seconds["heun"]},
+        "euler": {"label": "teacher, Euler 1 step", "nfe": 1, **scorer(samples["euler"]),
+                  "seconds": seconds["euler"]}}
+    run.log(f"  Heun FD to data {rows['heun']['fd']:.3f} ({rows['heun']['seconds']:.0f}s); Euler FD to the Heun "
+            f"samples {rows['euler']['fd_teacher']:.3f}, RMSE to Heun {rows['euler']['rmse_to_heun']:.4f}")
     return rows, samples
 
 
 @dataclasses.dataclass
 class Distillation:
-    """What ``distill`` leaves: the one-step FD of each weights ('model', 'ema-<rate>') at each
-    checkpoint step, the checkpoint steps in order, the distillation's time (scoring excluded),
-    and whether the time budget stopped it."""
+    """What ``distill`` leaves: the one-step FD to the data and to the teacher's Heun samples of
+    each weights ('model', 'ema-<rate>') at each checkpoint step, the checkpoint steps in order,
+    the distillation's time (scoring excluded), and whether the time budget stopped it."""
     fd_by_step: dict[int, dict[str, float]] = dataclasses.field(default_factory=dict)
+    fd_teacher_by_step: dict[int, dict[str, float]] = dataclasses.field(default_factory=dict)
     steps: list[int] = dataclasses.field(default_factory=list)
     seconds: float = 0.0
     stopped_early: bool = False
 
-    def curves(self, weights: list[str]) -> dict[str, list[float]]:
-        """FD over training of each of ``weights``, aligned with ``steps``."""
-        return {w: [self.fd_by_step[step][w] for step in self.steps] for w in weights}
+    def curves(self, weights: list[str], to_teacher: bool = False) -> dict[str, list[float]]:
+        """FD to the data (to the teacher's samples: ``to_teacher``) over training of each of
+        ``weights``, aligned with ``steps``."""
+        by_step = self.fd_teacher_by_step if to_teacher else self.fd_by_step
+        return {w: [by_step[step][w] for step in self.steps] for w in weights}
 
 
 def distill(run: DemoRun, scorer: DigitsScorer) -> Distillation:
@@ -227,7 +252,7 @@ def distill(run: DemoRun, scorer: DigitsScorer) -> Distillation:
         done = min(run.steps, (done // run.chunk + 1) * run.chunk)
         train(dict(run.config, total_steps=done), run.run_dir, resume=True)
         t_score = time.perf_counter()
-        _score_checkpoints(run, scorer, result.fd_by_step)
+        _score_checkpoints(run, scorer, result)
         t_distill += time.perf_counter() - t_score  # the budget counts distillation only
         elapsed = (time.perf_counter() - t_distill) / 60
         if run.max_minutes is not None and elapsed > run.max_minutes and done < run.steps:
@@ -236,23 +261,26 @@ def distill(run: DemoRun, scorer: DigitsScorer) -> Distillation:
                     f"(continue with --resume --steps ... --max-minutes ...)")
             break
     result.seconds = time.perf_counter() - t_distill
-    _score_checkpoints(run, scorer, result.fd_by_step)
+    _score_checkpoints(run, scorer, result)
     result.steps = sorted(step for step, _ in list_checkpoints(run.run_dir))
     return result
 
 
-def _score_checkpoints(run: DemoRun, scorer: DigitsScorer, fd_by_step: dict[int, dict[str, float]]) -> None:
-    """One-step FD of the raw weights and of each EMA at every checkpoint not yet scored."""
+def _score_checkpoints(run: DemoRun, scorer: DigitsScorer, result: Distillation) -> None:
+    """One-step FD to the teacher's samples and to the data of the raw weights and of each EMA at
+    every checkpoint not yet scored."""
     for step, path in sorted(list_checkpoints(run.run_dir)):
-        if step in fd_by_step:
+        if step in result.fd_by_step:
             continue
-        fd_by_step[step] = {}
+        result.fd_by_step[step], result.fd_teacher_by_step[step] = {}, {}
         for w in run.all_weights:
             net, meta = _load_weights(run, path, w)
             x, _ = generate(net, meta, run.seeds, batch=500)
-            fd_by_step[step][w] = scorer.fd(x)
-        run.log(f"  step {step}: one-step FD " + ", ".join(f"{w} {v:.3f}" for w, v in fd_by_step[step].items())
-                + f"  ({run.seconds() / 60:.1f} min)")
+            scores = scorer.curves(x)
+            result.fd_by_step[step][w], result.fd_teacher_by_step[step][w] = scores["fd"], scores["fd_teacher"]
+        run.log(f"  step {step}: one-step FD to teacher / to data " + ", ".join(
+            f"{w} {result.fd_teacher_by_step[step][w]:.3f} / {v:.3f}" for w, v in result.fd_by_step[step].items())
+            + f"  ({run.seconds() / 60:.1f} min)")
 
 
 def _load_weights(run: DemoRun, path: str, weights: str, teacher_share: float = 0.0):
@@ -267,7 +295,7 @@ def _load_weights(run: DemoRun, path: str, weights: str, teacher_share: float = 
     return net, meta
 
 
-def score(run: DemoRun, scorer: DigitsScorer, x_heun: torch.Tensor) -> tuple[dict, torch.Tensor, str, int]:
+def score(run: DemoRun, scorer: DigitsScorer) -> tuple[dict, torch.Tensor, str, int]:
     """The student's row (one step from the run's seeds, with the weights ``run.weights`` picks at
     the final checkpoint), its samples, the weights' name and the final step."""
     final_step, final_path = max(list_checkpoints(run.run_dir))
@@ -277,8 +305,7 @@ def score(run: DemoRun, scorer: DigitsScorer, x_heun: torch.Tensor) -> tuple[dic
     x_student, _ = generate(net, meta, run.seeds, batch=500)
     seconds = time.perf_counter() - t0
     share = f", {100 * run.teacher_share:g}% teacher weights" if run.teacher_share else ""
-    row = {"label": f"PID student, 1 step ({chosen}{share})", "nfe": 1, **scorer(x_student), "seconds": seconds,
-           "rmse_to_heun": _rmse(x_student, x_heun)}
+    row = {"label": f"PID student, 1 step ({chosen}{share})", "nfe": 1, **scorer(x_student), "seconds": seconds}
     return row, x_student, chosen, final_step
 
 
@@ -296,6 +323,7 @@ def report(run: DemoRun, rows: dict, samples: dict, distillation: Distillation, 
            analytic_rows: Optional[list] = None) -> dict[str, Any]:
     """Draw the pictures, write ``summary.json``, log the table; returns the summary."""
     curves = distillation.curves(run.all_weights)
+    teacher_curves = distillation.curves(run.all_weights, to_teacher=True)
     grid_n = min(32, run.num_samples)
     pictures = {
         "samples": save_comparison_grid(
@@ -308,6 +336,12 @@ def report(run: DemoRun, rows: dict, samples: dict, distillation: Distillation, 
             distillation.steps, {f"student ({w})": v for w, v in curves.items()},
             os.path.join(run.out_dir, "fd_over_training.png"),
             references={"teacher Heun 35 NFE": rows["heun"]["fd"], "real digits": rows["real"]["fd"]}),
+        "fd_teacher_over_training": plot_fd_over_training(
+            distillation.steps, {f"student ({w})": v for w, v in teacher_curves.items()},
+            os.path.join(run.out_dir, "fd_teacher_over_training.png"),
+            references={"teacher Euler 1 step": rows["euler"]["fd_teacher"]},
+            ylabel="FD to the teacher's Heun samples",
+            title="One-step FD to the teacher's samples from the same noise"),
     }
     if analytic_rows is not None:
         pictures["fd_vs_n"] = plot_fd_vs_n(analytic_rows, os.path.join(run.out_dir, "fd_vs_n.png"))
@@ -315,7 +349,9 @@ def report(run: DemoRun, rows: dict, samples: dict, distillation: Distillation, 
         "rows": rows, "ratio": rows["student"]["fd"] / rows["heun"]["fd"], "target_ratio": 1.5,
         "steps": final_step, "requested_steps": run.steps, "stopped_early": distillation.stopped_early,
         "batch_size": run.batch_size, "distill_seconds": distillation.seconds, "total_seconds": run.seconds(),
-        "fd_over_training": {"steps": distillation.steps, **curves}, "analytic": analytic_rows, "pictures": pictures,
+        "fd_over_training": {"steps": distillation.steps, **curves},
+        "fd_teacher_over_training": {"steps": distillation.steps, **teacher_curves},
+        "analytic": analytic_rows, "pictures": pictures,
         "run_dir": run.run_dir, "config": run.config, "weights": chosen, "teacher_share": run.teacher_share,
         "threads": torch.get_num_threads(),
         "num_samples": run.num_samples,
@@ -330,16 +366,24 @@ def format_table(summary: dict[str, Any]) -> str:
     """The demo's result table (plain text)."""
     rows = summary["rows"]
     width = max(40, *(len(rows[key]["label"]) for key in ("student", "heun", "euler", "real")))
-    lines = [f"{'':{width}s} {'NFE':>4s} {'FD':>8s} {'KID':>8s} {'RMSE to Heun':>13s} {'time':>7s}"]
+    lines = [f"{'':{width}s} {'NFE':>4s} {'FD to teacher':>13s} {'RMSE to Heun':>13s} {'FD to data':>10s} "
+             f"{'KID':>8s} {'time':>7s}"]
     for key in ("student", "heun", "euler", "real"):
         r = rows[key]
         t = f"{r['seconds']:.1f}s" if key != "real" else "-"
+        ft = f"{r['fd_teacher']:.3f}" if "fd_teacher" in r else "-"
         d = f"{r['rmse_to_heun']:.4f}" if "rmse_to_heun" in r else "-"
-        lines.append(f"{r['label']:{width}s} {r['nfe']:>4d} {r['fd']:>8.3f} {r['kid']:>8.4f} {d:>13s} {t:>7s}")
-    lines.append("(FD, KID: digits-classifier features vs the 1797 real digits; RMSE to Heun: per pixel, "
-                 "same noise, images in [-1, 1])")
+        lines.append(f"{r['label']:{width}s} {r['nfe']:>4d} {ft:>13s} {d:>13s} {r['fd']:>10.3f} {r['kid']:>8.4f} "
+                     f"{t:>7s}")
+    lines.append("(FD to teacher: digits-classifier features of the samples vs the teacher's Heun samples from the "
+                 "same noise, 0 = the teacher's distribution; RMSE to Heun: per pixel, same noise, images in "
+                 "[-1, 1]; FD to data, KID: vs the 1797 real digits)")
+    student = rows["student"]
+    if "fd_teacher" in student:
+        lines.append(f"student's distance to the teacher: FD {student['fd_teacher']:.3f}, RMSE to Heun "
+                     f"{student['rmse_to_heun']:.4f}")
     ratio = summary["ratio"]
-    lines.append(f"student FD / teacher Heun FD = {ratio:.2f} (target <= {summary['target_ratio']:g})")
+    lines.append(f"student FD to data / teacher Heun FD to data = {ratio:.2f} (target <= {summary['target_ratio']:g})")
     lines.append(f"distillation: {summary['steps']} steps x batch {summary['batch_size']} in "
                  f"{summary['distill_seconds'] / 60:.1f} min"
                  + (" (stopped by the time budget)" if summary["stopped_early"] else "")

@@ -5,9 +5,11 @@
   student with the weights the rule picks; an EDM snapshot .pkl trained with EDMPIDLoss, or its
   `pid-fast convert` output, is a one-step generator too (``is_edm_generator_file``);
 - ``score_checkpoints``: every checkpoint of a run folder with the raw weights and every EMA
-  (the reference's protocol), one row per (step, weights); ``fd_scorer`` scores images by
-  FD (and KID) against a reference; ``write_scores``, ``plot_scores`` and ``best_score`` turn
-  the rows into a CSV/JSON table, a plot and the winner (`pid-fast fid RUN --all-checkpoints`).
+  (the reference's protocol), one row per (step, weights); ``fd_scorer`` scores images by their
+  distance to the teacher's samples (``metrics.TeacherDistance``: 'fd_teacher', 'rmse_teacher')
+  and/or FD (and KID) against a reference; ``write_scores``, ``plot_scores`` and ``best_score``
+  turn the rows into a CSV/JSON table, a plot and the winner (`pid-fast fid RUN --all-checkpoints`,
+  by 'fd_teacher' when a teacher's samples are given).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pid_fast.checks import parse_float
 from pid_fast.eval import metrics
 from pid_fast.eval.plots import plot_fd_over_training
 from pid_fast.train import CHECKPOINT_FORMAT, generate, list_checkpoints, load_student
+from pid_fast.train.checkpoint import is_sharded_checkpoint
 
 __all__ = ["pick_weights", "checkpoint_info", "newest_checkpoint", "load_scored_student", "is_edm_generator_file",
            "weight_sets",
@@ -48,8 +51,13 @@ def pick_weights(weights: str, ema_rates, steps: int, max_initial_share: float =
 
 def checkpoint_info(path: str | os.PathLike) -> dict[str, Any]:
     """{'step', 'ema_rates'} of a training checkpoint, read through a memory map (the weights
-    are not read)."""
+    are not read); of a sharded checkpoint folder, from its meta.pt."""
     path = os.fspath(path)
+    if is_sharded_checkpoint(path):
+        from pid_fast.train.sharded_checkpoint import read_sharded_meta
+
+        meta = read_sharded_meta(path)
+        return {"step": int(meta["step"]), "ema_rates": sorted(float(r) for r in meta["config"]["ema_rates"])}
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint: no such file: {path!r}")
     try:
@@ -62,10 +70,10 @@ def checkpoint_info(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def newest_checkpoint(source: str | os.PathLike) -> str:
-    """``source`` itself when it is a file, else the newest checkpoint of the run folder that
-    reads (the one ``load_student`` would take)."""
+    """``source`` itself when it is a file or a sharded checkpoint folder, else the newest
+    checkpoint of the run folder that reads (the one ``load_student`` would take)."""
     source = os.fspath(source)
-    if os.path.isfile(source):
+    if os.path.isfile(source) or is_sharded_checkpoint(source):
         return source
     if not os.path.isdir(source):
         raise FileNotFoundError(f"checkpoint: no such file or folder: {source!r}")
@@ -112,18 +120,26 @@ def weight_sets(ema_rates: Sequence[float]) -> list[str]:
     return ["model"] + [f"ema-{float(r)!r}" for r in sorted(float(r) for r in ema_rates)]
 
 
-def fd_scorer(extractor: Callable[[torch.Tensor], torch.Tensor], ref_stats, ref_feats: Optional[np.ndarray] = None,
-              *, batch: int = 250, device: str | torch.device = "cpu") -> Callable[[torch.Tensor], dict[str, float]]:
-    """A function images -> {'fd': ...} (plus 'kid' when reference features are given): the
-    Frechet distance of the images' features to ``ref_stats`` = (mu, sigma)."""
+def fd_scorer(extractor: Callable[[torch.Tensor], torch.Tensor], ref_stats=None,
+              ref_feats: Optional[np.ndarray] = None, *, batch: int = 250, device: str | torch.device = "cpu",
+              teacher: Optional[metrics.TeacherDistance] = None) -> Callable[[torch.Tensor], dict[str, float]]:
+    """A function images -> scores: first, with ``teacher``, the distance to the teacher's samples
+    from the same seeds ('fd_teacher', 'rmse_teacher', 'lpips_teacher' with its LPIPS); then, with
+    ``ref_stats`` = (mu, sigma), the Frechet distance of the images' features to it ('fd'; plus
+    'kid' when reference features are given)."""
+    if ref_stats is None and teacher is None:
+        raise ValueError("fd_scorer: give ref_stats (the reference's mu, sigma) and/or teacher (its samples)")
+
     def score(images: torch.Tensor) -> dict[str, float]:
         feats = metrics.features_of(extractor, images, batch=batch, device=device)
-        if ref_stats[0].shape[0] != feats.shape[1]:
-            raise ValueError(f"reference: {ref_stats[0].shape[0]}-d statistics but the features are "
-                             f"{feats.shape[1]}-d")
-        out = {"fd": metrics.fd_from_features(feats, ref_stats)}
-        if ref_feats is not None:
-            out["kid"] = metrics.kernel_distance(feats, ref_feats)
+        out = teacher.from_features(feats, images) if teacher is not None else {}
+        if ref_stats is not None:
+            if ref_stats[0].shape[0] != feats.shape[1]:
+                raise ValueError(f"reference: {ref_stats[0].shape[0]}-d statistics but the features are "
+                                 f"{feats.shape[1]}-d")
+            out["fd"] = metrics.fd_from_features(feats, ref_stats)
+            if ref_feats is not None:
+                out["kid"] = metrics.kernel_distance(feats, ref_feats)
         return out
 
     return score
@@ -131,14 +147,18 @@ def fd_scorer(extractor: Callable[[torch.Tensor], torch.Tensor], ref_stats, ref_
 
 def score_checkpoints(run_dir: str | os.PathLike, score: Callable[[torch.Tensor], Mapping[str, float]], *,
                       num: int, seed_start: int = 0, batch: int = 250, device: str | torch.device = "cpu",
-                      log: Optional[Callable[[str], None]] = None) -> list[dict[str, Any]]:
+                      log: Optional[Callable[[str], None]] = None,
+                      seeds: Optional[Sequence[int]] = None) -> list[dict[str, Any]]:
     """Every checkpoint of ``run_dir`` (oldest first) with the raw weights and every EMA: one-step
-    samples from seeds seed_start .. seed_start + num - 1 (the same for every row), scored by
-    ``score`` (e.g. ``fd_scorer``). Rows: {'step', 'weights', 'checkpoint', 'num', **score}."""
+    samples from seeds seed_start .. seed_start + num - 1 (or ``seeds``, e.g. those of a teacher's
+    samples; the same for every row), scored by ``score`` (e.g. ``fd_scorer``). Rows: {'step',
+    'weights', 'checkpoint', 'num', **score}."""
     checkpoints = sorted(list_checkpoints(run_dir))
     if not checkpoints:
         raise FileNotFoundError(f"run folder {os.fspath(run_dir)!r} holds no checkpoint-*.pt")
-    seeds = range(seed_start, seed_start + num)
+    if seeds is not None and len(seeds) != num:
+        raise ValueError(f"seeds: {len(seeds)} seeds but num={num}")
+    seeds = list(seeds) if seeds is not None else range(seed_start, seed_start + num)
     rows = []
     for step, path in checkpoints:
         for weights in weight_sets(checkpoint_info(path)["ema_rates"]):

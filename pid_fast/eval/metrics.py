@@ -9,6 +9,12 @@
   scaled to [0, 255]. Nothing here downloads; a missing weights file raises FileNotFoundError.
 
 Image batches are float tensors [B, C, H, W] in [-1, 1] throughout.
+
+The distance of a one-step student to its teacher (``TeacherDistance``) comes first wherever a
+student is scored: the FD between the student's samples and the teacher's multi-step samples
+from the same noise and labels (0 for the teacher itself), and the per-pixel RMSE (optionally
+LPIPS) of each student sample to the teacher's sample from its noise. The FD to the data stays
+beside it: on its own it cannot tell a closer copy of the teacher from a lucky deviation.
 """
 
 from __future__ import annotations
@@ -28,7 +34,8 @@ from pid_fast.checks import check_int
 __all__ = [
     "feature_statistics", "frechet_distance", "fd_from_features", "kernel_distance", "DigitsFeatures",
     "digits_reference_features", "digits_fd", "INCEPTION_FILENAME", "load_inception", "InceptionFeatures",
-    "load_reference_stats", "save_reference_stats", "load_images", "features_of",
+    "load_reference_stats", "save_reference_stats", "load_images", "features_of", "rmse_to_reference",
+    "TeacherDistance",
 ]
 
 INCEPTION_FILENAME = "inception-2015-12-05.pt"  # clean-fid's name for the TF-ported Inception
@@ -118,6 +125,57 @@ def features_of(extractor: Callable[[torch.Tensor], torch.Tensor], images: torch
     check_int(batch, "batch")
     out = [extractor(images[k:k + batch].to(device)).double().cpu() for k in range(0, images.shape[0], batch)]
     return torch.cat(out).numpy()
+
+
+# ============================================================================================
+# Distance to the teacher
+
+
+def rmse_to_reference(images: torch.Tensor, reference: torch.Tensor) -> float:
+    """Per-pixel RMS distance between ``images`` and ``reference`` paired by index (the same
+    noise): sqrt of the mean squared difference over every pixel of every pair, in [-1, 1] units
+    (the demo's "RMSE to Heun")."""
+    images, reference = _check_images(images), _check_images(reference, "reference")
+    if images.shape != reference.shape:
+        raise ValueError(f"reference: expected one image per image, shape {tuple(images.shape)}, got "
+                         f"{tuple(reference.shape)}")
+    return float((images.double() - reference.double()).square().mean().sqrt())
+
+
+class TeacherDistance:
+    """The distance of samples to the teacher's own multi-step samples from the same noise and
+    labels: ``fd_teacher`` (Frechet distance between the two sets' features; 0 for the teacher),
+    ``rmse_teacher`` (``rmse_to_reference``) and, with an ``lpips`` callable (e.g.
+    pid_fast.eval.lpips.LPIPSNorm), ``lpips_teacher`` (mean per-sample LPIPS).
+
+    teacher_images: [B, C, H, W] in [-1, 1]; the images scored must come from the same seeds in
+    the same order. extractor: the feature network (DigitsFeatures, InceptionFeatures)."""
+
+    def __init__(self, teacher_images: torch.Tensor, extractor: Callable[[torch.Tensor], torch.Tensor], *,
+                 batch: int = 500, device: str | torch.device = "cpu",
+                 lpips: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None):
+        self.images = _check_images(teacher_images, "teacher_images").float().clamp(-1, 1)
+        self.extractor, self.batch, self.device, self.lpips = extractor, batch, device, lpips
+        self.stats = feature_statistics(features_of(extractor, self.images, batch=batch, device=device))
+
+    def from_features(self, feats: Any, images: torch.Tensor) -> dict[str, float]:
+        """The distances of ``images`` whose features ``feats`` are already computed."""
+        if images.shape[0] != self.images.shape[0]:
+            raise ValueError(f"images: {images.shape[0]} samples, but the teacher's samples are "
+                             f"{self.images.shape[0]}; score the same seeds")
+        out = {"fd_teacher": fd_from_features(feats, self.stats),
+               "rmse_teacher": rmse_to_reference(images.float().clamp(-1, 1), self.images)}
+        if self.lpips is not None:
+            with torch.no_grad():
+                values = [self.lpips(images[k:k + self.batch].to(self.device).float().clamp(-1, 1),
+                                     self.images[k:k + self.batch].to(self.device)).double().cpu()
+                          for k in range(0, images.shape[0], self.batch)]
+            out["lpips_teacher"] = float(torch.cat(values).mean())
+        return out
+
+    def __call__(self, images: torch.Tensor) -> dict[str, float]:
+        images = _check_images(images)
+        return self.from_features(features_of(self.extractor, images, batch=self.batch, device=self.device), images)
 
 
 # ============================================================================================

@@ -111,3 +111,84 @@ def test_cli_fid_all_checkpoints_usage_errors(tmp_path, tiny_run):
     res = CliRunner().invoke(main, ["fid", str(tiny_run), "--features", "digits", "--all-checkpoints", "--num", "4",
                                     "--ref", str(stats), "--kid"])
     assert res.exit_code != 0 and "--kid needs reference images" in res.output
+
+
+def _teacher_npz(path, images, seeds):
+    np.savez(path, x=images.numpy(), seeds=np.asarray(seeds, dtype=np.int64), labels=np.asarray([], dtype=np.int64))
+
+
+@needs_features
+def test_cli_fid_against_teacher_samples_first_and_picks_by_it(tmp_path, tiny_run):
+    """--teacher-samples: the student samples the .npz's seeds; the distance to the teacher's samples
+    is printed before the FD to the data; --all-checkpoints picks the best by it. Here the 'teacher'
+    samples are those of (step 4, raw weights): that row is at distance 0, the others are not."""
+    net, meta = load_student(tiny_run / "checkpoint-000000004.pt", weights="model")
+    seeds = list(range(7, 47))
+    images, _ = generate(net, meta, seeds)
+    _teacher_npz(tmp_path / "teacher.npz", images, seeds)
+    res = CliRunner().invoke(main, ["fid", str(tiny_run), "--features", "digits", "--weights", "model",
+                                    "--teacher-samples", str(tmp_path / "teacher.npz")])
+    assert res.exit_code == 0, res.output
+    assert "generating 40 one-step samples" in res.output
+    assert "same seeds): FD 0.0000, RMSE 0.0000" in res.output
+    assert res.output.index("distance to the teacher's samples") < res.output.index("digits FD vs the 1797 digits")
+    # Another checkpoint: the numbers are TeacherDistance's on the same seeds.
+    res = CliRunner().invoke(main, ["fid", str(tiny_run / "checkpoint-000000002.pt"), "--features", "digits",
+                                    "--weights", "ema-0.9", "--teacher-samples", str(tmp_path / "teacher.npz")])
+    assert res.exit_code == 0, res.output
+    other, _ = generate(*load_student(tiny_run / "checkpoint-000000002.pt", weights="ema-0.9"), seeds)
+    expected = metrics.TeacherDistance(images, metrics.DigitsFeatures())(other)
+    assert f"FD {expected['fd_teacher']:.4f}, RMSE {expected['rmse_teacher']:.4f}" in res.output
+    assert expected["rmse_teacher"] > 0
+
+    res = CliRunner().invoke(main, ["fid", str(tiny_run), "--features", "digits", "--all-checkpoints",
+                                    "--teacher-samples", str(tmp_path / "teacher.npz"), "--batch", "16"])
+    assert res.exit_code == 0, res.output
+    with open(tiny_run / "scores-digits.json") as f:
+        rows = json.load(f)
+    assert all({"fd_teacher", "rmse_teacher", "fd", "kid"} <= set(r) for r in rows) and all(r["num"] == 40 for r in rows)
+    best = min(rows, key=lambda r: r["fd_teacher"])
+    assert (best["step"], best["weights"]) == (4, "model") and best["rmse_teacher"] == 0.0
+    assert "best: step 4, weights model (digits FD to the teacher's samples 0.0000, RMSE 0.0000)" in res.output
+    # Picked by the distance to the teacher, not by the FD to the data.
+    assert any(r["fd"] < best["fd"] for r in rows) or best == min(rows, key=lambda r: r["fd"])
+
+
+@needs_features
+def test_cli_fid_against_teacher_samples_the_teacher(tmp_path, tiny_run):
+    """--against-teacher samples a teacher file from --seed-start.. with --teacher-steps Heun steps."""
+    from pid_fast.demo.digits import train_teacher
+    from pid_fast.train.teacher_samples import load_sampling_teacher, teacher_samples
+
+    teacher_path = tmp_path / "teacher.safetensors"
+    train_teacher(teacher_path, steps=1, batch_size=4, network={"model_channels": 8, "channel_mult": (1,),
+                                                                "channel_mult_emb": 1}, progress=False)
+    res = CliRunner().invoke(main, ["fid", str(tiny_run), "--features", "digits", "--weights", "model", "--num", "12",
+                                    "--seed-start", "5", "--against-teacher", str(teacher_path), "--teacher-steps", "2"])
+    assert res.exit_code == 0, res.output
+    teacher, shape, label_dim = load_sampling_teacher(teacher_path)
+    reference, _ = teacher_samples(teacher, shape, label_dim, range(5, 17), num_steps=2)
+    student, _ = generate(*load_student(tiny_run, weights="model"), range(5, 17))
+    expected = metrics.TeacherDistance(reference, metrics.DigitsFeatures())(student)
+    assert f"FD {expected['fd_teacher']:.4f}, RMSE {expected['rmse_teacher']:.4f}" in res.output
+    assert "heun 2 steps" in res.output
+
+
+def test_cli_fid_teacher_usage_errors(tmp_path, tiny_run):
+    seeds = list(range(4))
+    _teacher_npz(tmp_path / "t.npz", torch.zeros(4, 1, 16, 16), seeds)
+    cases = [
+        (["--teacher-samples", str(tmp_path / "t.npz"), "--against-teacher", str(tmp_path / "t.npz")],
+         "exclude each other"),
+        (["--lpips", str(tmp_path / "t.npz")], "--lpips measures the distance to the teacher's samples"),
+        (["--teacher-samples", str(tmp_path / "t.npz"), "--lpips-lin", str(tmp_path / "t.npz")], "--lpips-lin needs"),
+        (["--teacher-samples", str(tmp_path / "t.npz"), "--num", "3"], "--num: 3 samples asked"),
+    ]
+    for extra, message in cases:
+        res = CliRunner().invoke(main, ["fid", str(tiny_run), "--features", "digits", *extra])
+        assert res.exit_code != 0 and message in res.output and "Traceback" not in res.output, (extra, res.output)
+    # Images whose count differs from the teacher's samples: named, not a crash.
+    np.savez(tmp_path / "imgs.npz", x=np.zeros((5, 1, 16, 16), np.float32))
+    res = CliRunner().invoke(main, ["fid", str(tmp_path / "imgs.npz"), "--features", "digits",
+                                    "--teacher-samples", str(tmp_path / "t.npz")])
+    assert res.exit_code != 0 and "--teacher-samples: the teacher's samples are (4, 1, 16, 16)" in res.output

@@ -60,8 +60,17 @@ def test_demo_end_to_end_and_resume(tmp_path, tiny_files):
         assert _is_png(s["pictures"][name]), name
     with open(tmp_path / "demo" / "summary.json") as f:
         assert json.load(f)["steps"] == 4
+    # The distance to the teacher's Heun samples from the same noise comes first: 0 for the teacher.
+    assert s["rows"]["heun"]["fd_teacher"] == pytest.approx(0.0, abs=1e-6) and s["rows"]["heun"]["rmse_to_heun"] == 0
+    assert s["rows"]["student"]["rmse_to_heun"] > 0 and s["rows"]["euler"]["rmse_to_heun"] > 0
+    assert "rmse_to_heun" not in s["rows"]["real"] and s["rows"]["real"]["fd_teacher"] > 0  # other images
+    assert s["fd_teacher_over_training"]["steps"] == [2, 4] and len(s["fd_teacher_over_training"]["model"]) == 2
+    assert _is_png(s["pictures"]["fd_teacher_over_training"])
     table = lines[-1]
-    assert "student FD / teacher Heun FD" in table and "teacher, Heun 18 steps" in table
+    header = table.splitlines()[0]
+    assert header.index("FD to teacher") < header.index("RMSE to Heun") < header.index("FD to data")
+    assert f"student's distance to the teacher: FD {s['rows']['student']['fd_teacher']:.3f}" in table
+    assert "student FD to data / teacher Heun FD to data" in table and "teacher, Heun 18 steps" in table
     assert s["pictures"]["samples"] in table
 
     # The same folder again: refused unless resumed; resuming continues the same run.
@@ -115,7 +124,7 @@ def test_cli_demo(tmp_path, tiny_files):
                                      "--num-samples", "16", "--teacher", teacher, "--features", features,
                                      "--no-analytic", "--no-progress", "--norm", "l2", "--N", "16", "--threads", "1"])
     assert res.exit_code == 0, res.output
-    assert "student FD / teacher Heun FD" in res.output and "student_vs_teacher.png" in res.output
+    assert "student's distance to the teacher: FD" in res.output and "student_vs_teacher.png" in res.output
     assert os.path.isfile(tmp_path / "d" / "loss.png")
     with open(tmp_path / "d" / "summary.json") as f:
         cfg = json.load(f)["config"]

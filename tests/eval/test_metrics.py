@@ -293,3 +293,39 @@ def test_cli_fid_checkpoint_with_local_inception(tmp_path, fake_inception):
     res = CliRunner().invoke(_cli(), ["fid", str(tmp_path / "run"), "--inception", str(fake_inception),
                                       "--ref", str(tmp_path / "ref64.npz"), "--num", "4"])
     assert res.exit_code != 0 and "64-d" in res.output
+
+
+def test_teacher_distance_is_zero_for_the_teacher_and_pairs_samples_by_noise():
+    """TeacherDistance: the FD between two sample sets and the per-pixel RMSE between the pairs
+    from the same noise (0 for the teacher's own samples); LPIPS when a per-sample norm is given."""
+    extractor = metrics.DigitsFeatures(DEFAULT_FEATURES)
+    teacher, _ = load_digits()
+    teacher = teacher[:200]
+    shifted = torch.roll(teacher, 1, dims=-1)
+    calls = []
+
+    def fake_lpips(a, b):  # a per-sample distance (B,), as LPIPSNorm returns
+        calls.append(a.shape[0])
+        return (a - b).abs().flatten(1).mean(1)
+
+    distance = metrics.TeacherDistance(teacher, extractor, batch=64, lpips=fake_lpips)
+    own = distance(teacher)
+    assert own["fd_teacher"] == pytest.approx(0.0, abs=1e-6) and own["rmse_teacher"] == 0.0
+    assert own["lpips_teacher"] == 0.0 and calls == [64, 64, 64, 8]
+    other = distance(shifted)
+    assert other["rmse_teacher"] == pytest.approx(float((shifted - teacher).square().mean().sqrt()), rel=1e-6)
+    assert other["lpips_teacher"] == pytest.approx(float((shifted - teacher).abs().mean()), rel=1e-6)
+    feats = metrics.features_of(extractor, shifted)
+    assert other["fd_teacher"] == pytest.approx(metrics.fd_from_features(feats, metrics.features_of(extractor, teacher)),
+                                                rel=1e-9)
+    assert other["fd_teacher"] > 0.01
+    # Pairs by order: the same images in another order are as far in FD (0) but not per sample.
+    permuted = teacher[torch.randperm(200, generator=torch.Generator().manual_seed(0))]
+    moved = distance(permuted)
+    assert moved["fd_teacher"] == pytest.approx(0.0, abs=1e-6) and moved["rmse_teacher"] > 0.1
+    with pytest.raises(ValueError, match="images: 199 samples"):
+        distance(teacher[:199])
+    with pytest.raises(ValueError, match="reference: expected one image per image"):
+        metrics.rmse_to_reference(teacher[:3], teacher[:4])
+    with pytest.raises(TypeError, match="teacher_images"):
+        metrics.TeacherDistance(teacher.numpy(), extractor)
