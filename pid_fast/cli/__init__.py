@@ -7,6 +7,7 @@
   ``power-ema`` (an EMA of any length rebuilt from power-EMA snapshots, train/power_ema.py) and
   ``export-diffusers`` (a diffusers student as a save_pretrained folder);
 - ``evaluate.py``: ``fid`` (FD / KID of images, a checkpoint, or every checkpoint of a run);
+- ``text.py``: ``clip-score`` and ``text-eval`` (text-to-image students: CLIP score, RMSE to the teacher);
 - ``demo.py``: ``demo`` (the offline digits demo), ``train-teacher`` and ``train-features``
   (the demo's bundled files);
 - ``convert.py``: ``convert`` (an EDM .pkl to a pid_fast safetensors file);
@@ -28,12 +29,13 @@ def main() -> None:
 
 
 def _register_commands() -> None:
-    from pid_fast.cli import convert, demo, distill, evaluate
+    from pid_fast.cli import convert, demo, distill, evaluate, text
 
     convert.register(main)  # convert
     distill.register(main)  # distill, sample, power-ema, teacher-share, export-diffusers
     evaluate.register(main)  # fid
     demo.register(main)  # demo, train-teacher, train-features
+    text.register(main)  # clip-score, text-eval
 
 
 _register_commands()

@@ -152,15 +152,17 @@ def distill(config_path, run_dir, resume, overrides, total_steps, batch_size, ac
         click.echo(f"done: step {summary['step']}, loss {loss}, {ips} images/s, checkpoint {summary['checkpoint']}")
 
 
-def _write_samples(x, labels, seeds, out: str) -> None:
+def _write_samples(x, labels, seeds, out: str, prompts=()) -> None:
+    """OUT as PNGs or an .npz; a text model's .npz also holds each image's prompt ('prompts')."""
     import numpy as np
 
     from pid_fast.eval.images import save_images, to_uint8
 
     if out.endswith(".npz"):
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        extra = {"prompts": np.asarray([prompts[k % len(prompts)] for k in range(len(seeds))])} if prompts else {}
         np.savez(out, images=to_uint8(x), x=x.numpy(), seeds=np.asarray(seeds, dtype=np.int64),
-                 labels=np.asarray([] if labels is None else labels.numpy(), dtype=np.int64))
+                 labels=np.asarray([] if labels is None else labels.numpy(), dtype=np.int64), **extra)
     else:
         save_images(x, out, [f"{s:06d}" for s in seeds])
 
@@ -246,7 +248,7 @@ def sample(paths, num, seed_start, batch, weights, class_label, device, vae, tea
                              embeddings=embeddings)
     except (*_FILE_ERRORS, RuntimeError, ImportError) as exc:  # a damaged .pt; a diffusers student without diffusers
         raise click.ClickException(str(exc)) from None
-    _write_samples(x, labels, seeds, out)
+    _write_samples(x, labels, seeds, out, list(prompts) if embeddings is not None else ())
     how = f"{used}, picked by the 'auto' rule" if weights == "auto" else used
     click.echo(f"{num} samples from {meta['path']} (step {meta['step']}, weights {how}) -> {out}")
 
@@ -285,7 +287,7 @@ def _sample_teacher(source, out, seeds, batch, class_label, device, solver, step
                                     decode=decode)
     except (*_FILE_ERRORS, RuntimeError, ImportError) as exc:
         raise click.ClickException(str(exc)) from None
-    _write_samples(x, labels, seeds, out)
+    _write_samples(x, labels, seeds, out, list(prompts) if embeddings is not None else ())
     calls = 2 * steps - 1 if solver == "heun" else steps
     click.echo(f"{len(seeds)} teacher samples from {source} ({solver}, {steps} steps = {calls} teacher calls, "
                f"grid {grid}) -> {out}")

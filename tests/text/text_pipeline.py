@@ -76,3 +76,21 @@ def save_prompts(path, prompts=PROMPTS):
     with open(path, "w") as f:
         f.write("\n".join(prompts) + "\n")
     return str(path)
+
+
+def save_clip(folder, image_size=16):
+    """A tiny random CLIPModel (text and vision towers, projection 8) + the tiny tokenizer."""
+    import transformers
+
+    folder = str(folder)
+    _, vocab_size = save_tokenizer(folder)
+    torch.manual_seed(1)
+    config = transformers.CLIPConfig(
+        text_config=dict(vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=MAX_LENGTH, bos_token_id=vocab_size - 2,
+                         eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=image_size, patch_size=8),
+        projection_dim=8)
+    transformers.CLIPModel(config).save_pretrained(folder)
+    return folder
