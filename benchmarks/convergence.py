@@ -1,12 +1,15 @@
 """Convergence: how many PID steps a recipe needs to reach the teacher, on two teachers.
 
-1. digits (the bundled teacher of `pid-fast demo`, batch 64): the one-step student's digits FD
-   (10000 samples, seeds 10000+, the same noises as the teacher's Heun 35-NFE samples) every 100
-   steps for the chosen weights (raw, an EMA, a tracked power EMA, any of them blended with the
-   teacher's weights: 'model+teacher-0.2'), the first step within 1.05x of the teacher's FD, and
-   the FD to the teacher's own samples; `--heldout` weights are scored at the last step on all
-   three disjoint seed sets (SEED_SETS) against the teacher's FD on the same seeds. Runs through
-   the trainer (pid_fast.train.train); the teacher's samples are cached in WORK_DIR.
+1. digits (the bundled teacher of `pid-fast demo`, batch 64): the one-step student's distance to
+   the teacher (10000 samples, seeds 10000+, the same noises as the teacher's Heun 35-NFE samples:
+   the FD between the student's and the teacher's samples, and the per-pixel RMSE to the teacher's
+   sample from the same noise), then its digits FD to the data, every 100 steps for the chosen
+   weights (raw, an EMA, a tracked power EMA, any of them blended with the teacher's weights:
+   'model+teacher-0.2'), and the first step that reaches the target (TARGET_FD_TEACHER and
+   TARGET_RMSE: what the previous 1200-step demo recipe's EMA 0.998 reached); `--heldout` weights
+   are scored at the last step on the disjoint seed sets (SEED_SETS). Runs through the trainer
+   (pid_fast.train.train); the teacher's samples (pid_fast.train.teacher_samples) are cached in
+   WORK_DIR.
 2. the Gaussian-mixture teacher (exact PF-ODE, pid_fast.models.analytic): the one-step MLP
    student's endpoint RMSE against the exact x(sigma_min) every 100 steps, with the same recipe
    (optimizer, lr schedule, EMAs, grid-index sampling and weighting, coarse-to-fine grid) and the
@@ -38,6 +41,10 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 OUT_JSON = os.path.join(RESULTS, "convergence-cpu.json")
 WORK_DIR = "/tmp/pid-convergence"
 NUM_SAMPLES, SEED_START, TARGET = 10000, 10000, 1.05
+# The distance-to-teacher target: the previous demo recipe's EMA 0.998 after 1200 steps (FD to the
+# teacher's samples on 10000 samples of seeds 10000+; RMSE to Heun on the demo's 1000 samples).
+TARGET_FD_TEACHER, TARGET_RMSE = 0.16, 0.140
+TEACHER_CHUNK = 1000  # teacher samples are cached per 1000 seeds (an interrupted run keeps its chunks)
 SEED_SETS = (10000, 20000, 30000)  # disjoint: seeds 10000..19999, 20000..29999, 30000..39999
 POWER_SIGMA_RELS = [0.05, 0.10]  # tracked in every run (passive: the training trajectory is unchanged)
 SWEEP_SIGMA_RELS = [0.02, 0.035, 0.05, 0.07, 0.10, 0.15, 0.20]  # post hoc (0.05, 0.10: the tracked ones)
@@ -68,6 +75,20 @@ RECIPES = {
     "cosine-b2-4e-3": ("cosine-b2 with lr 4e-3",
                        {"optimizer": dict(_DEMO_OPT, lr=4e-3, betas=[0.9, 0.99]), "ema_rates": [0.995, 0.998],
                         "lr_schedule": {"decay": "cosine"}}),
+    "warmup-clip-4e-3": ("cosine-b2 with lr 4e-3, a 40-step linear warm-up and gradient clipping at norm 1 (the "
+                         "first steps' norms are ~3), EMAs 0.99/0.995",
+                         {"optimizer": dict(_DEMO_OPT, lr=4e-3, betas=[0.9, 0.99]), "ema_rates": [0.99, 0.995],
+                          "lr_schedule": {"decay": "cosine", "warmup_steps": 40}, "clip_grad_norm": 1.0}),
+    "warmup-clip-8e-3": ("warmup-clip-4e-3 with lr 8e-3",
+                         {"optimizer": dict(_DEMO_OPT, lr=8e-3, betas=[0.9, 0.99]), "ema_rates": [0.99, 0.995],
+                          "lr_schedule": {"decay": "cosine", "warmup_steps": 40}, "clip_grad_norm": 1.0}),
+    "cosine-b2-jvp": ("cosine-b2 with the jvp derivative (one student evaluation and its forward-mode derivative "
+                      "instead of the second evaluation), EMAs 0.99/0.995",
+                      {"optimizer": dict(_DEMO_OPT, betas=[0.9, 0.99]), "ema_rates": [0.99, 0.995],
+                       "lr_schedule": {"decay": "cosine"}, "loss": {"derivative": "jvp"}}),
+    "cosine-b2-ema99": ("cosine-b2 with EMAs 0.99/0.995 (the baseline of the distance-to-teacher runs)",
+                        {"optimizer": dict(_DEMO_OPT, betas=[0.9, 0.99]), "ema_rates": [0.99, 0.995],
+                         "lr_schedule": {"decay": "cosine"}}),
     "importance": ("cosine-b2 + grid indices drawn by importance (per-index running loss, reweighted)",
                    {"optimizer": dict(_DEMO_OPT, betas=[0.9, 0.99]), "ema_rates": [0.995, 0.998],
                     "lr_schedule": {"decay": "cosine"}, "grid": {"sampling": "importance"}}),
@@ -113,46 +134,56 @@ _REFERENCE_SCHEDULES = {"lr_schedule": {"warmup_steps": 0, "decay": "constant", 
 
 
 def teacher_images(seed_start: int, num: int = NUM_SAMPLES) -> torch.Tensor:
-    """The teacher's Heun samples (18 steps = 35 evaluations) of seeds seed_start..+num, cached
-    in WORK_DIR (10000 take ~8 CPU-minutes)."""
+    """The teacher's Heun samples (18 steps = 35 evaluations, EDM's grid) of seeds seed_start..+num
+    (pid_fast.train.teacher_samples, as `pid-fast sample --teacher` writes them), cached in WORK_DIR
+    (10000 take ~12 CPU-minutes)."""
     from pid_fast.demo.files import DEFAULT_TEACHER
-    from pid_fast.demo.teacher import load_digits_teacher
-    from pid_fast.sampling import heun_sample, seeded_latents
+    from pid_fast.train.teacher_samples import load_sampling_teacher, teacher_samples
 
     cache = os.path.join(WORK_DIR, f"heun-{seed_start}-{num}.pt")
     if os.path.exists(cache):
         return torch.load(cache)
-    teacher = load_digits_teacher(DEFAULT_TEACHER)
-    shape = (int(teacher.model.in_channels), int(teacher.model.img_resolution), int(teacher.model.img_resolution))
-    images = []
-    for start in range(seed_start, seed_start + num, 500):
-        z, _ = seeded_latents(range(start, min(start + 500, seed_start + num)), shape)
-        with torch.no_grad():
-            images.append(heun_sample(teacher, z, num_steps=18).float().clamp(-1, 1))
-    images = torch.cat(images)
+    full = os.path.join(WORK_DIR, f"heun-{seed_start}-{NUM_SAMPLES}.pt")
+    if num < NUM_SAMPLES and os.path.exists(full):  # the first num of a full set's samples
+        return torch.load(full)[:num]
     os.makedirs(WORK_DIR, exist_ok=True)
-    torch.save(images, cache)
+    teacher, chunks = None, []
+    for start in range(seed_start, seed_start + num, TEACHER_CHUNK):
+        stop = min(start + TEACHER_CHUNK, seed_start + num)
+        chunk_path = os.path.join(WORK_DIR, f"heun-{start}-{stop - start}.pt")
+        if not os.path.exists(chunk_path):
+            if teacher is None:
+                teacher, shape, label_dim = load_sampling_teacher(DEFAULT_TEACHER)
+            images, _ = teacher_samples(teacher, shape, label_dim, range(start, stop), solver="heun", num_steps=18,
+                                        grid="karras", batch=500)
+            torch.save(images, chunk_path + ".tmp")
+            os.replace(chunk_path + ".tmp", chunk_path)
+        chunks.append(chunk_path)
+    images = torch.cat([torch.load(path) for path in chunks])
+    torch.save(images, cache + ".tmp")
+    os.replace(cache + ".tmp", cache)
     return images
 
 
 class Scorer:
-    """One seed set's scores of a one-step student: its digits FD (against the 1797 real digits)
-    and its FD to the teacher's own samples from the same seeds (the distillation's fidelity; 0
-    for the teacher itself), in the digits classifier's feature space."""
+    """One seed set's scores of a one-step student: first its distance to the teacher's own
+    samples from the same seeds (the distillation's fidelity; 0 for the teacher itself): the FD
+    between the two sample sets in the digits classifier's feature space and the per-pixel RMSE to
+    the teacher's sample from the same noise; then its digits FD against the 1797 real digits."""
 
     def __init__(self, seed_start: int, num: int = NUM_SAMPLES):
-        from pid_fast.eval.metrics import DigitsFeatures, digits_reference_features, feature_statistics
+        from pid_fast.eval.metrics import DigitsFeatures, TeacherDistance, digits_reference_features, feature_statistics
 
         self.seed_start, self.num = seed_start, num
         self.features = DigitsFeatures()
         self.data = feature_statistics(digits_reference_features(self.features))
-        self.teacher = feature_statistics(self.features.features(teacher_images(seed_start, num)))
+        self.teacher = TeacherDistance(teacher_images(seed_start, num), self.features)
 
     def __call__(self, images: torch.Tensor) -> dict[str, float]:
         from pid_fast.eval.metrics import fd_from_features
 
         feats = self.features.features(images)
-        return {"fd": float(fd_from_features(feats, self.data)), "fd_teacher": float(fd_from_features(feats, self.teacher))}
+        return {**self.teacher.from_features(feats, images), "fd": float(fd_from_features(feats, self.data))}
 
     def student(self, net, meta) -> dict[str, float]:
         from pid_fast.train import generate
@@ -207,7 +238,7 @@ def run_digits(recipe: str, name: str, steps: int, weights_every: dict[str, tupl
     train_cpu_s = time.process_time() - cpu0
     checkpoints = dict(list_checkpoints(run_dir))
     scorer = Scorer(SEED_START)
-    curves: dict[str, dict[str, dict[int, float]]] = {"fd": {}, "fd_teacher": {}}
+    curves: dict[str, dict[str, dict[int, float]]] = {"fd_teacher": {}, "rmse_teacher": {}, "fd": {}}
     for step, path in sorted(checkpoints.items()):
         for weights, (every, until) in weights_every.items():
             if step % every == 0 and step <= min(steps, until):
@@ -216,7 +247,7 @@ def run_digits(recipe: str, name: str, steps: int, weights_every: dict[str, tupl
                     curves[key].setdefault(weights, {})[step] = value
                 print(f"{name} step {step} {weights}: {scores}", flush=True)
     held: dict[str, dict[int, dict]] = {}
-    for seed_start in SEED_SETS:
+    for seed_start in (SEED_SETS if heldout else ()):
         other = scorer if seed_start == SEED_START else Scorer(seed_start)
         for weights in heldout:
             if seed_start == SEED_START and steps in curves["fd"].get(weights, {}):  # scored above
@@ -237,6 +268,21 @@ def run_digits(recipe: str, name: str, steps: int, weights_every: dict[str, tupl
         losses = {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
     return {"config": cfg, "train_cpu_s": train_cpu_s, **curves, "heldout": {"step": steps, "scores": held},
             "power_sweep": sweep, "loss": losses}
+
+
+def run_heldout(name: str, steps: int, weights: list[str], seed_starts: list[int], num: int) -> dict:
+    """The ``weights`` of run WORK_DIR/``name`` at ``steps`` scored on each seed set of ``seed_starts``
+    with ``num`` samples: {weights: {seed_start: scores}} (a run trained by `run` before)."""
+    from pid_fast.train import list_checkpoints
+
+    path = dict(list_checkpoints(os.path.join(WORK_DIR, name)))[steps]
+    held: dict[str, dict[int, dict]] = {}
+    for seed_start in seed_starts:
+        scorer = Scorer(seed_start, num)
+        for w in weights:
+            held.setdefault(w, {})[seed_start] = scorer.student(*load_weights(path, w))
+            print(f"{name} step {steps} {w} seeds {seed_start}+ ({num}): {held[w][seed_start]}", flush=True)
+    return held
 
 
 # --------------------------------------------------------------------------------------------
@@ -357,6 +403,12 @@ def main() -> None:
     r.add_argument("--sweep-sigma-rels", type=float, nargs="*", default=SWEEP_SIGMA_RELS)
     r.add_argument("--skip-digits", action="store_true")
     r.add_argument("--name", default=None, help="the run's folder and results key (default: the recipe's name)")
+    h = sub.add_parser("heldout", help="score a trained run's weights on seed sets (after `run`)")
+    h.add_argument("name", help="the run's name (its folder in WORK_DIR and results key)")
+    h.add_argument("--steps", type=int, default=400)
+    h.add_argument("--weights", nargs="+", required=True)
+    h.add_argument("--seed-starts", type=int, nargs="+", default=list(SEED_SETS))
+    h.add_argument("--num", type=int, default=NUM_SAMPLES, help="samples per seed set")
     sub.add_parser("report", help="write convergence.md and convergence.png from the JSON")
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -364,6 +416,22 @@ def main() -> None:
         from convergence_report import write_report
 
         print(write_report(_load(), RESULTS))
+        return
+    if args.what == "heldout":
+        held = run_heldout(args.name, args.steps, args.weights, args.seed_starts, args.num)
+        command = (f"OMP_NUM_THREADS=1 python benchmarks/convergence.py heldout {args.name} --steps {args.steps} "
+                   f"--weights {' '.join(args.weights)} --seed-starts {' '.join(map(str, args.seed_starts))} "
+                   f"--num {args.num}")
+
+        def update(results):
+            digits = results["recipes"][args.name]["digits"]
+            scores = digits.get("heldout", {}).get("scores", {}) if digits.get("heldout", {}).get("step") == args.steps \
+                else {}
+            for w, by_seed in held.items():
+                scores.setdefault(w, {}).update({str(k): v for k, v in by_seed.items()})
+            digits["heldout"] = {"step": args.steps, "num": args.num, "scores": scores}
+
+        _merge(update, command, command)
         return
     if args.what == "teacher":
         rows = {str(seed_start): teacher_fd(seed_start) for seed_start in args.seed_starts}
