@@ -54,7 +54,7 @@ from pid_fast.train.distributed import (DistContext, all_gather_objects, all_red
 from pid_fast.train.ema import EMA
 from pid_fast.train.loss_window import LossWindow
 from pid_fast.train.power_ema import PowerEMA, save_snapshot
-from pid_fast.train.prompts import pipeline_decoder, prepare_text_conditions
+from pid_fast.train.prompts import check_resumed_text, pipeline_decoder, prepare_text_conditions
 from pid_fast.train.schedules import GridIndexSampler, grid_size_at, lr_factor
 
 __all__ = ["train", "NonFiniteLossError"]
@@ -179,6 +179,8 @@ class _Run:
         recorded = {} if checkpoint is None else checkpoint.get("machine", {})
         self._set_threads(threads, recorded.get("cpu_threads"))
         self._build(teacher, recorded)
+        if checkpoint is not None:  # a text run's prompts and encoder must be the run's
+            check_resumed_text(checkpoint.get("student", {}).get("text"), self.text, self.last_checkpoint)
         self.step = self._restore(checkpoint)
         del found, checkpoint  # (the loaded state's memory is free before training starts)
         self.model, self.loss_forward = _step_forward(

@@ -22,7 +22,7 @@ import torch
 from pid_fast.io.text_conditioning import cached_embeddings, is_text_pipeline, read_prompts, text_pipeline_parts
 
 __all__ = ["TextConditions", "text_conditions", "prepare_text_conditions", "pipeline_decoder", "uses_text",
-           "encode_for_sampling", "negative_embedding", "source_pipeline",
+           "encode_for_sampling", "negative_embedding", "source_pipeline", "check_resumed_text",
            "EMBEDDINGS_DIR", "prompt_seed"]
 
 EMBEDDINGS_DIR = "text_embeddings"  # inside the run folder
@@ -153,3 +153,17 @@ def source_pipeline(source: str | os.PathLike) -> Optional[str]:
         if tcfg.get("kind") == "diffusers" and is_text_pipeline(tcfg["path"]):
             return os.path.abspath(tcfg["path"])
     return None
+
+
+def check_resumed_text(recorded: Optional[Mapping[str, Any]], conditions: Optional[TextConditions],
+                       checkpoint: str) -> None:
+    """A resumed run's prompts and text encoder must be the run's (checkpoint['student']['text'],
+    ``recorded``): the config names the same files, but their contents may have changed since."""
+    if recorded is None or conditions is None:
+        return
+    for key, what in (("prompts_sha256", "the prompt list (teacher.prompts) or the negative prompt"),
+                      ("encoder_sha256", "the text encoder's or tokenizer's files")):
+        if recorded.get(key) != conditions.info[key]:
+            raise ValueError(f"cannot resume {checkpoint}: {what} changed since the run started (sha256 "
+                             f"{str(recorded.get(key))[:16]}... then, {conditions.info[key][:16]}... now), so the "
+                             f"resumed run would train on other conditions; restore them or start a new run")

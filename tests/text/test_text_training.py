@@ -223,3 +223,12 @@ def test_text_errors(pipeline, prompts_file, tmp_path):
         resolve_config(_config(pipeline, None, {"scale": 2.0, "guide": "unconditional", "negative_prompt": "x"}))
     with pytest.raises(ValueError, match=r"teacher.prompts"):
         resolve_config(_config(pipeline, 3))
+
+
+def test_resume_refuses_changed_prompts(pipeline, tmp_path):
+    prompts = save_prompts(tmp_path / "p.txt")
+    cfg = _config(pipeline, prompts, total_steps=2)
+    train(cfg, tmp_path / "run", threads=1)
+    save_prompts(tmp_path / "p.txt", ["a green dog"] + PROMPTS[1:])  # same file, other prompts
+    with pytest.raises(ValueError, match=r"cannot resume .*the prompt list \(teacher.prompts\).*changed"):
+        train(dict(cfg, total_steps=4), tmp_path / "run", resume=True, threads=1)
