@@ -11,6 +11,16 @@ CUDA context (~0.5 GiB), allocator fragmentation and cuDNN workspaces: add ~10-2
 
     python benchmarks/step_memory.py --network cifar10-ddpmpp --microbatch 64 --lpips
     python benchmarks/step_memory.py --network imagenet64-adm --microbatch 32 --lpips --label-dim 1000
+    python benchmarks/step_memory.py --network sd15-unet --microbatch 4 --precision bf16   # text-to-image
+
+A diffusers UNet (``--network sd15-unet``: Stable Diffusion 1.5's UNet2DConditionModel config,
+859.5M parameters, 4 x 64 x 64 latents, 77 x 768 CLIP embeddings; or ``--network diffusers:PATH``
+with a UNet's config.json) is built on the meta device the same way and run with
+encoder_hidden_states [2 x microbatch, text length, cross_attention_dim]. A text-to-image run keeps
+its prompt embeddings on the host (pid_fast.train.prompts: a step copies the rows it draws), never
+loads the text encoder on a GPU, and loads the VAE only on the process that writes sample grids, so
+none of them is counted; the teacher's classifier-free-guidance batch (2 x 2 x microbatch under
+no_grad) is transient like every teacher activation.
 """
 
 from __future__ import annotations
@@ -43,6 +53,44 @@ def _activation_dtype(precision: str) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+# Stable Diffusion 1.5's UNet2DConditionModel (its unet/config.json, the keys that shape it)
+SD15_UNET = {"sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
+             "block_out_channels": [320, 640, 1280, 1280], "cross_attention_dim": 768, "attention_head_dim": 8,
+             "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                                  "DownBlock2D"],
+             "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+             "norm_num_groups": 32}
+SD15_TEXT = (77, 768)  # CLIP ViT-L/14's tokens and width
+
+
+def diffusers_unet_config(network: str) -> dict | None:
+    """The UNet2DConditionModel config of 'sd15-unet' or 'diffusers:PATH' (a config.json), else None."""
+    if network == "sd15-unet":
+        return dict(SD15_UNET)
+    if network.startswith("diffusers:"):
+        with open(network[len("diffusers:"):]) as f:
+            return {k: v for k, v in json.load(f).items() if not k.startswith("_")}
+    return None
+
+
+def diffusers_estimate(unet_cfg: dict, microbatch: int, precision: str, text_len: int) -> tuple[int, int]:
+    """(parameters, saved bytes) of a diffusers UNet2DConditionModel's forward of batch 2 x microbatch
+    with encoder_hidden_states, built and run on the meta device."""
+    import diffusers
+
+    with torch.device("meta"):
+        unet = diffusers.UNet2DConditionModel.from_config(unet_cfg).requires_grad_(True)
+    params = sum(p.numel() for p in unet.parameters())
+    dtype = _activation_dtype(precision)
+    size, ch = int(unet_cfg["sample_size"]), int(unet_cfg["in_channels"])
+    x = torch.empty(2 * microbatch, ch, size, size, device="meta", dtype=dtype)
+    timesteps = torch.empty(2 * microbatch, device="meta", dtype=dtype)
+    text = torch.empty(2 * microbatch, text_len, int(unet_cfg["cross_attention_dim"]), device="meta", dtype=dtype)
+    if dtype != torch.float32:  # the 16-bit copies of the fp32 master weights that the layers use: the
+        unet = unet.to(dtype)   # saved-tensor hooks see them (linear/conv save their weight), so they count once
+    return params, _saved_bytes(lambda: unet(x, timesteps, encoder_hidden_states=text))
+
+
 def student_activations(net_cfg: dict, microbatch: int, precision: str) -> int:
     net = build_network(net_cfg, device="meta").requires_grad_(True)
     res, ch = int(net_cfg["img_resolution"]), int(net_cfg["in_channels"])
@@ -67,9 +115,14 @@ def lpips_activations(microbatch: int, resize: int = 224) -> tuple[int, int]:
 
 
 def estimate(network: str, microbatch: int, precision: str, lpips: bool, ema_rates: int,
-             label_dim: int | None) -> dict:
-    net_cfg = network_config(network) if label_dim is None else network_config(network, label_dim=label_dim)
-    params = count_parameters(build_network(net_cfg, device="meta"))
+             label_dim: int | None, text_len: int = SD15_TEXT[0]) -> dict:
+    unet_cfg = diffusers_unet_config(network)
+    if unet_cfg is not None:
+        params, student_saved = diffusers_estimate(unet_cfg, microbatch, precision, text_len)
+    else:
+        net_cfg = network_config(network) if label_dim is None else network_config(network, label_dim=label_dim)
+        params = count_parameters(build_network(net_cfg, device="meta"))
+        student_saved = student_activations(net_cfg, microbatch, precision)
     weight_bytes = 4 * params  # fp32 master weights
     persistent = {
         "student weights": weight_bytes,
@@ -78,7 +131,7 @@ def estimate(network: str, microbatch: int, precision: str, lpips: bool, ema_rat
         f"EMA copies ({ema_rates})": ema_rates * weight_bytes,
         "teacher weights": weight_bytes,
     }
-    activations = {"student (batch 2 x %d)" % microbatch: student_activations(net_cfg, microbatch, precision)}
+    activations = {"student (batch 2 x %d)" % microbatch: student_saved}
     if lpips:
         saved, lpips_params = lpips_activations(microbatch)
         activations["LPIPS VGG16 at 224 (batch %d)" % microbatch] = saved
@@ -92,14 +145,17 @@ def estimate(network: str, microbatch: int, precision: str, lpips: bool, ema_rat
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--network", default="cifar10-ddpmpp")
+    p.add_argument("--network", default="cifar10-ddpmpp",
+                   help="a pid_fast network name, sd15-unet, or diffusers:PATH (a UNet2DConditionModel config.json)")
+    p.add_argument("--text-len", type=int, default=SD15_TEXT[0], help="a diffusers UNet's text tokens")
     p.add_argument("--microbatch", type=int, default=64, help="samples per accumulation round and GPU")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
     p.add_argument("--lpips", action="store_true", help="count the LPIPS norm's VGG16")
     p.add_argument("--ema-rates", type=int, default=3)
     p.add_argument("--label-dim", type=int, default=None)
     args = p.parse_args()
-    out = estimate(args.network, args.microbatch, args.precision, args.lpips, args.ema_rates, args.label_dim)
+    out = estimate(args.network, args.microbatch, args.precision, args.lpips, args.ema_rates, args.label_dim,
+                   args.text_len)
     print(json.dumps(out, indent=2))
 
 

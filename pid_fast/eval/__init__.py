@@ -6,5 +6,6 @@
     images.py       tensors in [-1, 1] to uint8, PNG grids and folders (Pillow)
     plots.py        loss curve, FD over training, FD against N, sample comparisons (matplotlib)
     lpips.py        the LPIPS norm (VGG16, average or max pooling) from local weight files
-    vae.py          decoding latent samples through a local diffusers AutoencoderKL (EDM2's scaling)
+    vae.py          decoding latent samples through a local diffusers AutoencoderKL (EDM2's scaling; SD's scaling_factor)
+    text_to_image.py  CLIP score from a local CLIP folder; RMSE of a text student to its guided teacher's Heun samples
 """

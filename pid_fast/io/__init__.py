@@ -10,6 +10,8 @@
     atomic.py          the one atomic file writer
     pickle_values.py   numpy dtypes/scalars/arrays rebuilt safely by the unpickler
     diffusers_io.py    diffusers folders: load_diffusers_teacher, export_one_step / load_one_step / one_step_sample
+    text_conditioning.py  text-to-image folders: prompt files, the frozen text encoder, cached prompt embeddings
+    text_export.py     a text-to-image student as a one-step diffusers pipeline (+ pipeline_pid_text_to_image.py)
 """
 
 from pid_fast.io.edm_config import check_network_config, infer_network_config

@@ -12,6 +12,7 @@
 - teacher_share.py: a checkpoint blended with the run's initial (teacher's) weights after training (`pid-fast teacher-share`)
 - schedules.py: the lr schedule, grid-index sampling/weighting and the coarse-to-fine grid schedule
 - loss_window.py: the loop's device-side loss window (read at sync points only)
+- prompts.py: a text-to-image run's prompt embeddings (cached in the run folder) and per-step prompt draws
 - threads.py: the run's CPU thread count (choose_threads: --threads, the resumed run's, OMP_NUM_THREADS, else timed)
 """
 
