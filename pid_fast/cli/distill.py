@@ -51,6 +51,8 @@ def _require_for(config) -> None:
     if loss["norm"] == "lpips" and not (avg_pooling and loss["lpips_lin_weights"]):
         modules.append("lpips")  # max pooling's network, or the default heads file (vgg.pth) it ships
     require("lpips", *modules)
+    if config["log"]["tensorboard"]:
+        require("tensorboard", "tensorboard")
     if config["teacher"]["kind"] == "diffusers":
         require("diffusers", "diffusers")
 
@@ -124,16 +126,22 @@ def _choose_threads(config, threads, run_dir, resume):
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="torch CPU threads (default on the CPU: the resumed run's count, else OMP_NUM_THREADS when set, "
                    "else the faster of 1 and all cores, timed at start-up).")
+@click.option("--parallel", type=click.Choice(["ddp", "fsdp"]), default=None,
+              help="Data parallelism: ddp (every rank holds everything) or fsdp (FSDP2: student, optimizer state "
+                   "and EMAs sharded per U-Net block; sharded DCP checkpoints). Default: the config's (ddp).")
+@click.option("--tensorboard", is_flag=True, help="Also write TensorBoard events to RUN_DIR/tensorboard (log.tensorboard).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def distill(config_path, run_dir, resume, overrides, total_steps, batch_size, accum, lr, precision, device, seed,
-            checkpoint_every, snapshot_every, log_every, threads, no_progress) -> None:
+            checkpoint_every, snapshot_every, log_every, threads, parallel, tensorboard, no_progress) -> None:
     """Distil a diffusion teacher into a one-step student with PID."""
     from pid_fast.train import NonFiniteLossError, train
 
     named = {"total_steps": total_steps, "batch_size": batch_size, "accum": accum, "optimizer.lr": lr,
              "precision": precision, "device": device, "seed": seed, "checkpoint_every": checkpoint_every,
-             "snapshot_every": snapshot_every, "log_every": log_every}
+             "snapshot_every": snapshot_every, "log_every": log_every, "parallel": parallel}
     named = {k: v for k, v in named.items() if v is not None}
+    if tensorboard:
+        named["log.tensorboard"] = True
     if no_progress:
         named["progress"] = False
     config = _resolve(config_path, overrides, named)

@@ -30,13 +30,17 @@ class DistContext:
 
 
 @contextlib.contextmanager
-def process_group(device_cfg: str) -> Iterator[DistContext]:
+def process_group(device_cfg: str, single_process_group: bool = False) -> Iterator[DistContext]:
     """This process's DistContext (torchrun sets the env); a process group initialised here is
-    destroyed on exit."""
+    destroyed on exit. ``single_process_group``: without torchrun, a group of this one process
+    (FSDP's device mesh needs one)."""
     initialized_here = False
+    use_cuda = device_cfg != "cpu" and torch.cuda.is_available()
     if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        use_cuda = device_cfg != "cpu" and torch.cuda.is_available()
         dist.init_process_group("nccl" if use_cuda else "gloo")
+        initialized_here = True
+    elif not dist.is_initialized() and single_process_group:
+        dist.init_process_group("nccl" if use_cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
         initialized_here = True
     try:
         yield _context(device_cfg)
@@ -68,10 +72,23 @@ def wrap_ddp(net: nn.Module, ctx: DistContext) -> nn.Module:
 
 def grad_sync(model: nn.Module, ctx: DistContext, sync: bool):
     """The context of one backward: DDP's no_sync() when ``sync`` is false (a non-final
-    accumulation round: gradients are all-reduced once, on the last round)."""
+    accumulation round: gradients are all-reduced once, on the last round); for an FSDP2 module,
+    set_requires_gradient_sync(False) likewise (unsharded gradients accumulate locally and are
+    reduce-scattered on the last round)."""
+    if hasattr(model, "set_requires_gradient_sync"):
+        return _fsdp_sync(model, sync)
     if ctx.world_size > 1 and not sync:
         return model.no_sync()
     return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _fsdp_sync(model: nn.Module, sync: bool) -> Iterator[None]:
+    model.set_requires_gradient_sync(sync)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
 
 
 def barrier(ctx: DistContext) -> None:

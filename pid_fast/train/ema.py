@@ -8,14 +8,18 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from pid_fast.train.sharding import local_tensor
+
 __all__ = ["EMA", "update_ema"]
 
 
 @torch.no_grad()
 def update_ema(ema: nn.Module, model: nn.Module, rate: float) -> None:
     """ema <- rate ema + (1 - rate) theta for every parameter (one fused lerp over all tensors);
-    buffers are copied."""
-    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1.0 - rate)
+    buffers are copied. Sharded (FSDP) copies of a sharded model are updated shard by shard,
+    locally on each rank (pid_fast.train.sharding)."""
+    torch._foreach_lerp_([local_tensor(p) for p in ema.parameters()],
+                         [local_tensor(p.detach()) for p in model.parameters()], 1.0 - rate)
     for b_ema, b in zip(ema.buffers(), model.buffers()):
         b_ema.copy_(b)
 

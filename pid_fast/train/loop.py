@@ -46,8 +46,8 @@ from pid_fast.sampling import seeded_latents, student_sample
 from pid_fast.train.builders import (build_loss, build_optimizer, build_student, build_teacher, given_teacher,
                                      resolve_precision, student_metadata)
 from pid_fast.train.checkpoint import (CHECKPOINT_FORMAT, checkpoint_path, load_latest_checkpoint,
-                                       remove_stale_temporaries, rng_state, save_checkpoint, seed_rngs,
-                                       set_rng_state)
+                                       read_checkpoint, remove_stale_temporaries, rng_state, save_checkpoint,
+                                       seed_rngs, set_rng_state)
 from pid_fast.train.config import check_resume_config, resolve_config
 from pid_fast.train.distributed import (DistContext, all_gather_objects, all_reduce_sum, barrier,
                                         grad_sync, process_group, wrap_ddp)
@@ -56,6 +56,9 @@ from pid_fast.train.loss_window import LossWindow
 from pid_fast.train.power_ema import PowerEMA, save_snapshot
 from pid_fast.train.prompts import check_resumed_text, pipeline_decoder, prepare_text_conditions
 from pid_fast.train.schedules import GridIndexSampler, grid_size_at, lr_factor
+from pid_fast.train.sharded_checkpoint import load_sharded_state, read_sharded_meta, save_sharded_checkpoint
+from pid_fast.train.sharding import device_mesh, full_state_dict, shard_network, total_grad_norm
+from pid_fast.train.tracking import Trackers, check_trackers
 
 __all__ = ["train", "NonFiniteLossError"]
 
@@ -81,7 +84,8 @@ def train(config: Optional[Mapping[str, Any]], run_dir: str | os.PathLike, *, re
     the count the checkpoint recorded, else torch's current count); a resume with another count
     than the checkpoint's warns that it is no longer a bitwise continuation. torch's thread
     count is restored on return. Under torchrun (WORLD_SIZE > 1) or an initialised process
-    group, trains with DDP. Returns a summary dict (step, loss, images_per_s, checkpoint).
+    group, trains with DDP, or with FSDP2 when config['parallel'] is 'fsdp' (also in one process).
+    Returns a summary dict (step, loss, images_per_s, checkpoint).
     Raises NonFiniteLossError when the loss stops being finite.
     """
     cfg = resolve_config(config)
@@ -90,8 +94,13 @@ def train(config: Optional[Mapping[str, Any]], run_dir: str | os.PathLike, *, re
         raise ValueError(f"threads: expected None or an int >= 1, got {threads!r}")
     threads_before = torch.get_num_threads()
     try:
-        with process_group(cfg["device"]) as ctx, _flush_denormals(ctx.device):
-            return _Run(cfg, run_dir, ctx, resume, teacher, threads).run()
+        with process_group(cfg["device"], single_process_group=cfg["parallel"] == "fsdp") as ctx, \
+                _flush_denormals(ctx.device):
+            run = _Run(cfg, run_dir, ctx, resume, teacher, threads)
+            try:
+                return run.run()
+            finally:
+                run.trackers.close()  # (also when the loss stops being finite)
     finally:
         torch.set_num_threads(threads_before)
 
@@ -159,6 +168,12 @@ def _step_forward(loss_fn: nn.Module, model: nn.Module, sigma_max: float, compil
     return model, loss_forward
 
 
+def _read_for_resume(path: str) -> dict:
+    """A checkpoint as resume reads it: a .pt file whole; of a sharded folder only meta.pt (the
+    shards are loaded into the sharded run, ``_Run._restore``)."""
+    return read_sharded_meta(path) if os.path.isdir(path) else read_checkpoint(path)
+
+
 # --------------------------------------------------------------------------------------------
 # One run
 
@@ -173,7 +188,7 @@ class _Run:
         self.global_batch, self.accum_rounds = cfg["batch_size"], cfg["accum"]
         self.per_round_batch = _per_round_batch(self.global_batch, ctx.world_size, self.accum_rounds)
         self._prepare_run_dir()
-        found = load_latest_checkpoint(run_dir) if resume else None
+        found = load_latest_checkpoint(run_dir, read=_read_for_resume) if resume else None
         self.last_checkpoint, checkpoint = found or (None, None)
         self.cfg = cfg if checkpoint is None else check_resume_config(checkpoint["config"], cfg)
         recorded = {} if checkpoint is None else checkpoint.get("machine", {})
@@ -184,8 +199,8 @@ class _Run:
         self.step = self._restore(checkpoint)
         del found, checkpoint  # (the loaded state's memory is free before training starts)
         self.model, self.loss_forward = _step_forward(
-            self.loss_fn, wrap_ddp(self.net, ctx), float(self.cfg["loss"]["sigma_max"]), self.cfg["compile"],
-            ctx.world_size)
+            self.loss_fn, self.net if self.sharded else wrap_ddp(self.net, ctx), float(self.cfg["loss"]["sigma_max"]),
+            self.cfg["compile"], ctx.world_size)
         self.log_path = os.path.join(run_dir, "log.jsonl")
         if ctx.rank == 0:
             with open(os.path.join(run_dir, "config.json"), "w") as f:
@@ -197,6 +212,8 @@ class _Run:
             self.snapshot_labels = self.text.first(self.cfg["snapshot_num"], ctx.device)
         self._decoder = None  # a latent teacher's VAE, loaded by the first snapshot (rank 0 only)
         self.last_log = {"loss": None, "images_per_s": None}
+        self.grad_norm: Optional[torch.Tensor] = None  # the last step's, when clipping or a dashboard needs it
+        self.trackers = Trackers(self.cfg["log"], run_dir, self.cfg, ctx.rank, resume_step=self.step)
 
     def _prepare_run_dir(self) -> None:
         if self.ctx.rank == 0:
@@ -252,10 +269,14 @@ class _Run:
         # fp16 modes: dynamic loss scaling (fp16's range is narrow); None otherwise
         self.grad_scaler = torch.amp.GradScaler(device.type) if needs_grad_scaler(self.precision) else None
         self.loss_fn = build_loss(cfg["loss"], teacher, device, modes["teacher_precision"])
-        self.optimizer = build_optimizer(net.parameters(), cfg["optimizer"], device)
         self.ema = EMA(net, cfg["ema_rates"])
         sigma_rels = cfg["power_ema"]["sigma_rels"]
         self.power_ema = PowerEMA(net, sigma_rels) if sigma_rels else None
+        check_trackers(cfg["log"])  # on every rank, before any collective
+        self.sharded = cfg["parallel"] == "fsdp"
+        if self.sharded:
+            self._shard(teacher_net)
+        self.optimizer = build_optimizer(net.parameters(), cfg["optimizer"], device)  # (after sharding: DTensors)
         grid = cfg["grid"]
         self.grid_sampler = GridIndexSampler(cfg["loss"]["N"], grid["sampling"], grid["weighting"],
                                              decay=grid["stats_decay"], uniform_mix=grid["uniform_mix"], device=device)
@@ -264,19 +285,37 @@ class _Run:
             self.student_meta["text"] = self.text.metadata()
         self.label_dim, self.image_shape = self.student_meta["label_dim"], tuple(self.student_meta["shape"])
 
+    def _shard(self, teacher_net: Optional[nn.Module]) -> None:
+        """parallel 'fsdp': the student, its EMA copies (sharded alike, so their update is local)
+        and, with teacher_sharding (default), the teacher's network, each per block then root."""
+        mesh = device_mesh(self.ctx.device)
+        shard_network(self.net, mesh, self.precision)
+        for copies in (self.ema, self.power_ema):
+            for copy in ({} if copies is None else copies.models).values():
+                shard_network(copy, mesh)
+        if self.cfg["teacher_sharding"] is not False and isinstance(teacher_net, nn.Module) \
+                and any(True for _ in teacher_net.parameters()):
+            shard_network(teacher_net, mesh)
+
+    def _emas(self) -> dict:
+        return {"ema": self.ema, **({} if self.power_ema is None else {"power_ema": self.power_ema})}
+
     def _restore(self, checkpoint: Optional[Mapping[str, Any]]) -> int:
         """The step to start from: the checkpoint's, with the student, EMAs, optimizer and this
         rank's RNG state restored; or 0, with the RNGs seeded with seed + rank."""
         if checkpoint is None:
             seed_rngs(self.cfg["seed"] + self.ctx.rank)
             return 0
-        self.net.load_state_dict(checkpoint["model"])
-        self.ema.load_state_dict(checkpoint["ema"])
-        if self.power_ema is not None:
-            self.power_ema.load_state_dict(checkpoint["power_ema"])
+        if checkpoint.get("sharded"):  # model, optimizer and EMAs from this rank's shards
+            load_sharded_state(self.last_checkpoint, self.net, self.optimizer, self._emas())
+        else:
+            self.net.load_state_dict(checkpoint["model"])
+            self.ema.load_state_dict(checkpoint["ema"])
+            if self.power_ema is not None:
+                self.power_ema.load_state_dict(checkpoint["power_ema"])
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
         if "grid_sampler" in checkpoint:
             self.grid_sampler.load_state_dict(checkpoint["grid_sampler"])
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
         if self.grad_scaler is not None and "grad_scaler" in checkpoint:
             self.grad_scaler.load_state_dict(checkpoint["grad_scaler"])
         states = checkpoint["rng"]
@@ -306,8 +345,8 @@ class _Run:
             elif self._snapshot_due(final):
                 self.snapshot(self.step)
             every = cfg["power_ema"]["snapshot_every"]
-            if self.power_ema is not None and every and (self.step % every == 0 or final) and self.ctx.rank == 0:
-                save_snapshot(self.run_dir, self.step, self.power_ema, self.student_meta)
+            if self.power_ema is not None and every and (self.step % every == 0 or final):
+                self._save_power_ema_snapshot()
         self.progress_bar.close()
         barrier(self.ctx)
         return {"step": self.step, "loss": self.last_log["loss"], "images_per_s": self.last_log["images_per_s"],
@@ -350,6 +389,12 @@ class _Run:
             self.power_ema.update(self.net, self.step + 1)
         return step_loss
 
+    def _save_power_ema_snapshot(self) -> None:
+        """power-ema-<step>.pt (rank 0; sharded EMAs are gathered on every rank first)."""
+        state = full_state_dict(self.power_ema.state_dict()) if self.sharded else None
+        if self.ctx.rank == 0:
+            save_snapshot(self.run_dir, self.step, self.power_ema, self.student_meta, state)
+
     def _set_lr(self, step: int) -> None:
         schedule = self.cfg["lr_schedule"]
         lr = self.cfg["optimizer"]["lr"] * lr_factor(step, schedule["warmup_steps"], schedule["decay"],
@@ -374,8 +419,14 @@ class _Run:
         overflowed is skipped and the scale lowered (GradScaler)."""
         if self.grad_scaler is not None:
             self.grad_scaler.unscale_(self.optimizer)
-        if self.cfg["clip_grad_norm"] is not None:
-            nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg["clip_grad_norm"])
+        clip, log = self.cfg["clip_grad_norm"], self.cfg["log"]
+        wanted = clip is not None or log["tensorboard"] or log["wandb"]  # the same on every rank: collective
+        if self.sharded and wanted:  # the norm of the whole sharded model
+            self.grad_norm = total_grad_norm(self.net.parameters(), clip)
+        elif clip is not None:
+            self.grad_norm = nn.utils.clip_grad_norm_(self.net.parameters(), clip)
+        elif wanted:
+            self.grad_norm = total_grad_norm(self.net.parameters())
         if self.grad_scaler is None:
             self.optimizer.step()
         else:
@@ -394,8 +445,12 @@ class _Run:
             raise NonFiniteLossError(stats.bad_step, stats.bad_loss, self.last_checkpoint)
         self.last_log = {"loss": stats.loss, "images_per_s": stats.images_per_s}
         self.progress_bar.set_postfix(loss=f"{stats.loss:.4g}", img_s=f"{stats.images_per_s:.1f}")
+        grad_norm = None if self.grad_norm is None else float(self.grad_norm)
         self._log({"step": self.step, "loss": stats.loss, "images_per_s": stats.images_per_s,
-                   "lr": self.optimizer.param_groups[0]["lr"], "time": time.time()})
+                   "lr": self.optimizer.param_groups[0]["lr"], "time": time.time(),
+                   **({} if grad_norm is None else {"grad_norm": grad_norm})})
+        self.trackers.scalars(self.step, {"loss": stats.loss, "lr": self.optimizer.param_groups[0]["lr"],
+                                          "grad_norm": grad_norm, "images_per_s": stats.images_per_s})
         if do_checkpoint:
             self.last_checkpoint = self.save_checkpoint()
         if self._snapshot_due(final):
@@ -409,8 +464,16 @@ class _Run:
                 f.write(json.dumps(record) + "\n")
 
     def save_checkpoint(self) -> str:
-        """The checkpoint of this step, written by rank 0 with every rank's RNG state; its path."""
+        """The checkpoint of this step, written by rank 0 with every rank's RNG state (under fsdp a
+        sharded folder, every rank writing its shards); its path."""
         rng_states = all_gather_objects(rng_state(self.ctx.device), self.ctx)
+        if self.sharded:
+            return save_sharded_checkpoint(
+                self.run_dir, self.step, self.net, self.optimizer, self._emas(),
+                {"step": self.step, "config": self.cfg, "world_size": self.ctx.world_size, "machine": self.machine,
+                 "student": self.student_meta, "grid_sampler": self.grid_sampler.state_dict(), "rng": rng_states,
+                 **({} if self.grad_scaler is None else {"grad_scaler": self.grad_scaler.state_dict()})},
+                rank=self.ctx.rank, keep=self.cfg["keep_checkpoints"], barrier=lambda: barrier(self.ctx))
         if self.ctx.rank == 0:
             save_checkpoint(self.run_dir, self.step, {
                 "format": CHECKPOINT_FORMAT, "step": self.step, "config": self.cfg, "world_size": self.ctx.world_size,
@@ -428,8 +491,9 @@ class _Run:
         return bool(every) and (self.step % every == 0 or final)
 
     def snapshot(self, at_step: int) -> None:
-        """A PNG grid of one-step samples from the fixed snapshot noise (rank 0)."""
-        if self.ctx.rank != 0 or not self.cfg["snapshot_every"]:
+        """A PNG grid of one-step samples from the fixed snapshot noise (rank 0; under fsdp every
+        rank runs the sharded student's forward, rank 0 keeps the images)."""
+        if not self.cfg["snapshot_every"] or (self.ctx.rank != 0 and not self.sharded):
             return
         loss_cfg = self.cfg["loss"]
         self.net.eval()
@@ -437,6 +501,9 @@ class _Run:
             x = student_sample(self.net, self.snapshot_noise, self.snapshot_labels, sigma_min=loss_cfg["sigma_min"],
                                sigma_max=loss_cfg["sigma_max"], sigma_data=self.loss_fn.sigma_data,
                                noise_labels=self.loss_fn.noise_labels, clamp=self.text is None)
+            if self.ctx.rank != 0:
+                self.net.train()
+                return
             if self.text is not None:  # latents: decoded through the pipeline's VAE
                 if self._decoder is None:
                     self._decoder = pipeline_decoder(self.text.info["pipeline"], self.ctx.device)
@@ -444,3 +511,4 @@ class _Run:
         self.net.train()
         if x.shape[1] in (1, 3):
             save_image_grid(x, os.path.join(self.run_dir, f"samples-{at_step:09d}.png"))
+            self.trackers.images(at_step, x)

@@ -92,11 +92,15 @@ def snapshot_path(run_dir: str, step: int) -> str:
     return os.path.join(run_dir, f"power-ema-{step:09d}.pt")
 
 
-def save_snapshot(run_dir: str, step: int, power_ema: PowerEMA, student_meta: Mapping[str, Any]) -> str:
-    """Write the power EMAs of ``step`` to ``power-ema-<step>.pt`` (atomically); its path."""
+def save_snapshot(run_dir: str, step: int, power_ema: PowerEMA, student_meta: Mapping[str, Any],
+                  state: Optional[Mapping[str, Any]] = None) -> str:
+    """Write the power EMAs of ``step`` to ``power-ema-<step>.pt`` (atomically); its path.
+    ``state``: their full state dict when it is not ``power_ema.state_dict()`` (sharded EMAs,
+    gathered by pid_fast.train.sharding.full_state_dict)."""
     path = snapshot_path(run_dir, step)
     atomic_save({"format": SNAPSHOT_FORMAT, "step": int(step), "sigma_rels": power_ema.sigma_rels,
-                 "gammas": power_ema.gammas, "student": dict(student_meta), "ema": power_ema.state_dict()}, path)
+                 "gammas": power_ema.gammas, "student": dict(student_meta),
+                 "ema": power_ema.state_dict() if state is None else dict(state)}, path)
     return path
 
 
