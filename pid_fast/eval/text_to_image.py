@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch.nn import functional as F
@@ -78,7 +78,8 @@ class ClipScorer:
             self.model = transformers.CLIPModel.from_pretrained(folder, local_files_only=True).to(device).eval()
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
         except (OSError, ValueError) as exc:
-            raise ValueError(f"--clip: {folder!r} is not a loadable CLIP folder (CLIPModel + tokenizer): {exc}") from None
+            raise ValueError(f"--clip: {folder!r} is not a loadable CLIP folder (CLIPModel + tokenizer): "
+                             f"{exc}") from None
         self.device = torch.device(device)
         self.size, mean, std = _preprocessing(folder, int(self.model.config.vision_config.image_size))
         self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)

@@ -16,8 +16,8 @@ transformers = pytest.importorskip("transformers")
 from text_pipeline import PROMPTS, save_prompts, save_text_pipeline  # noqa: E402
 
 from pid_fast.io.errors import CheckpointFormatError  # noqa: E402
-from pid_fast.io.text_conditioning import (TextEncoder, cached_embeddings, encode_prompts,  # noqa: E402
-                                           load_text_encoder, read_prompts)
+from pid_fast.io.text_conditioning import (TextEncoder, cached_embeddings, load_text_encoder,  # noqa: E402
+                                           read_prompts)
 from pid_fast.models.guidance import GuidedDenoiser  # noqa: E402
 from pid_fast.train import build_teacher, load_student, resolve_config, train  # noqa: E402
 from pid_fast.train.loop import step_seed  # noqa: E402
@@ -137,7 +137,8 @@ def test_guided_text_teacher_is_diffusers_cfg(pipeline, prompts_file):
     cfg = resolve_config(_config(pipeline, prompts_file, guidance))
     text = text_conditions(cfg["teacher"], None)
     teacher, net = build_teacher(cfg["teacher"], torch.device("cpu"), text.negative)
-    assert isinstance(teacher, GuidedDenoiser) and teacher.shares_network and net["class_name"] == "UNet2DConditionModel"
+    assert isinstance(teacher, GuidedDenoiser) and teacher.shares_network
+    assert net["class_name"] == "UNet2DConditionModel"
     torch.testing.assert_close(text.negative, load_text_encoder(pipeline)(["blurry"]), rtol=0, atol=0)
     # D_w(x; sigma) = x - sigma (eps_u + w (eps_c - eps_u)), the UNet called at x / sqrt(1 + sigma^2)
     unet = diffusers.UNet2DConditionModel.from_pretrained(os.path.join(pipeline, "unet"))
