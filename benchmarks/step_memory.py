@@ -12,6 +12,16 @@ CUDA context (~0.5 GiB), allocator fragmentation and cuDNN workspaces: add ~10-2
     python benchmarks/step_memory.py --network cifar10-ddpmpp --microbatch 64 --lpips
     python benchmarks/step_memory.py --network imagenet64-adm --microbatch 32 --lpips --label-dim 1000
     python benchmarks/step_memory.py --network sd15-unet --microbatch 4 --precision bf16   # text-to-image
+    python benchmarks/step_memory.py --network edm2-img512-xxl --parallel fsdp --world-size 8
+    python benchmarks/step_memory.py --table          # ddp vs fsdp at 8 ranks, markdown (ESTIMATES)
+
+Per rank under ``--parallel`` (``per_rank``). ddp: every rank holds all of the above, plus DDP's
+gradient buckets (one more fp32 copy of the gradients: gradient_as_bucket_view is off). fsdp
+(config parallel 'fsdp', pid_fast.train.sharding): the student's weights, gradients, optimizer
+state and EMAs, and with teacher sharding the teacher's weights, are divided by the number of
+ranks; on top, the forward/backward gathers about two FSDP units (the current block and the
+prefetched next one) of the student to full size with their unsharded gradients, and two of the
+teacher's. Activations do not shrink with sharding. Estimates, not measurements.
 
 A diffusers UNet (``--network sd15-unet``: Stable Diffusion 1.5's UNet2DConditionModel config,
 859.5M parameters, 4 x 64 x 64 latents, 77 x 768 CLIP embeddings; or ``--network diffusers:PATH``
@@ -143,6 +153,60 @@ def estimate(network: str, microbatch: int, precision: str, lpips: bool, ema_rat
             "total_gib": total / GIB}
 
 
+def _largest_unit(network: str, label_dim: int | None) -> int:
+    """Parameters of the largest FSDP unit of a pid_fast network (pid_fast.train.sharding.fsdp_units;
+    the root's own parameters count as one unit)."""
+    from pid_fast.train.sharding import fsdp_units
+
+    net_cfg = network_config(network) if label_dim is None else network_config(network, label_dim=label_dim)
+    net = build_network(net_cfg, device="meta")
+    units = [sum(p.numel() for p in unit.parameters()) for unit in fsdp_units(net)]
+    return max(units + [count_parameters(net) - sum(units)])
+
+
+def per_rank(out: dict, parallel: str, world_size: int, largest_unit: int, teacher_sharding: bool = True) -> dict:
+    """``estimate``'s one-GPU numbers as one rank's of ``world_size`` under ddp or fsdp (see above)."""
+    persistent = dict(out["persistent_gib"])
+    weight_gib = 4 * out["parameters"] / GIB
+    if parallel == "ddp":
+        persistent["DDP gradient buckets"] = weight_gib if world_size > 1 else 0.0
+    else:
+        for key in persistent:
+            if key.startswith(("student", "optimizer", "EMA")) or (key == "teacher weights" and teacher_sharding):
+                persistent[key] /= world_size
+        gathered = 2 if out["precision"] in ("bf16", "fp16") else 4  # pure 16-bit modes gather 16-bit weights
+        persistent["FSDP gathered units (student: 2 x (weights + grads))"] = 2 * largest_unit * (gathered + 4) / GIB
+        if gathered == 2:  # ... so autocast keeps no 16-bit copy of every weight (estimate's 2 bytes/param)
+            out = {**out, "activations_gib": {k: v - 2 * out["parameters"] / GIB if k.startswith("student") else v
+                                              for k, v in out["activations_gib"].items()}}
+        if teacher_sharding:
+            persistent["FSDP gathered units (teacher: 2 x weights)"] = 2 * largest_unit * 4 / GIB
+    total = sum(persistent.values()) + sum(out["activations_gib"].values())
+    return {**out, "parallel": parallel, "world_size": world_size, "persistent_gib": persistent, "total_gib": total}
+
+
+TABLE_CASES = (("edm2-img512-xxl", None, 8, "bf16"), ("imagenet64-adm", 1000, 32, "fp16"))
+
+
+def table(world_size: int = 8, ema_rates: int = 2) -> str:
+    """The markdown table of TABLE_CASES, ddp vs fsdp at ``world_size`` ranks (estimates)."""
+    lines = [f"Per-rank memory of one PID step at {world_size} ranks, {ema_rates} EMAs, l2 norm. ESTIMATES from "
+             f"parameter counts and a meta-device trace of the student's saved activations (not measured; add "
+             f"~10-20% for the CUDA context, fragmentation and workspaces):", "",
+             "| network | params | microbatch / precision | parallel | weights, grads, optimizer, EMAs, teacher, "
+             "buckets/gathered units (GiB) | student activations (GiB) | total per rank (GiB) |",
+             "|---|---|---|---|---|---|---|"]
+    for network, label_dim, microbatch, precision in TABLE_CASES:
+        one_gpu = estimate(network, microbatch, precision, False, ema_rates, label_dim)
+        unit = _largest_unit(network, label_dim)
+        for parallel in ("ddp", "fsdp"):
+            out = per_rank(one_gpu, parallel, world_size, unit)
+            state, acts = sum(out["persistent_gib"].values()), sum(out["activations_gib"].values())
+            lines.append(f"| {network} | {out['parameters'] / 1e9:.2f}B | {microbatch} / {precision} | {parallel} "
+                         f"| {state:.1f} | {acts:.1f} | {out['total_gib']:.1f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--network", default="cifar10-ddpmpp",
@@ -153,9 +217,19 @@ def main() -> None:
     p.add_argument("--lpips", action="store_true", help="count the LPIPS norm's VGG16")
     p.add_argument("--ema-rates", type=int, default=3)
     p.add_argument("--label-dim", type=int, default=None)
+    p.add_argument("--parallel", choices=("ddp", "fsdp"), default=None, help="one rank's memory under ddp or fsdp")
+    p.add_argument("--world-size", type=int, default=8)
+    p.add_argument("--replicated-teacher", action="store_true", help="fsdp with teacher_sharding false")
+    p.add_argument("--table", action="store_true", help="ddp vs fsdp for edm2-img512-xxl and imagenet64-adm")
     args = p.parse_args()
+    if args.table:
+        print(table(args.world_size))
+        return
     out = estimate(args.network, args.microbatch, args.precision, args.lpips, args.ema_rates, args.label_dim,
                    args.text_len)
+    if args.parallel:
+        out = per_rank(out, args.parallel, args.world_size, _largest_unit(args.network, args.label_dim),
+                       not args.replicated_teacher)
     print(json.dumps(out, indent=2))
 
 

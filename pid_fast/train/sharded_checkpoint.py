@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from typing import Any, Mapping
 
 import torch
@@ -112,6 +113,8 @@ def read_sharded_checkpoint(path: str | os.PathLike) -> dict:
         for key in keys[:-1]:
             node = node.setdefault(key, {})
         node[keys[-1]] = torch.empty(item.size, dtype=item.properties.dtype)
-    dcp.load(state, storage_reader=reader, no_dist=True)
+    with warnings.catch_warnings():  # (DCP's note that it loads in one process: that is the point here)
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, storage_reader=reader, no_dist=True)
     return {**meta, "model": state.get("model", {}), "ema": state.get("ema", {}),
             **({"power_ema": state["power_ema"]} if "power_ema" in state else {})}

@@ -58,8 +58,9 @@ def recorded_threads(run_dir: str | os.PathLike) -> Optional[int]:
     a resume continues), or None (no checkpoint, or a run that did not train on the CPU).
     Memory-maps the file: the weights are not read."""
     for _, path in list_checkpoints(run_dir):
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:  # (a sharded checkpoint folder: its meta.pt)
+            state = torch.load(os.path.join(path, "meta.pt") if os.path.isdir(path) else path, map_location="cpu",
+                               weights_only=True, mmap=True)
         except Exception:  # a damaged file: resume skips it too (load_latest_checkpoint)
             continue
         machine = state.get("machine") if isinstance(state, dict) else None

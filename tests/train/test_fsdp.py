@@ -119,7 +119,7 @@ def test_fsdp_killed_at_random_moments_resumes_exactly(tmp_path):
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
-        while len(list_checkpoints(run)) < 2:
+        while not list_checkpoints(run):
             assert proc.poll() is None, proc.stderr.read().decode()
             assert time.monotonic() < deadline, "no checkpoints written"
             time.sleep(0.02)
@@ -154,6 +154,7 @@ def test_sharded_checkpoint_for_sample_fid_and_export(tmp_path):
     the samples equal those of the same student saved as a .pt checkpoint."""
     from pid_fast.cli import main as group
     from pid_fast.eval.checkpoints import checkpoint_info, load_scored_student, newest_checkpoint
+    from pid_fast.train.threads import recorded_threads
 
     cfg = tiny_config(**{"total_steps": 2, "checkpoint_every": 2, "student.init": "teacher",
                          "student.network": None})
@@ -162,6 +163,7 @@ def test_sharded_checkpoint_for_sample_fid_and_export(tmp_path):
     folder = list_checkpoints(tmp_path / "fsdp")[0][1]
     assert newest_checkpoint(tmp_path / "fsdp") == folder == newest_checkpoint(folder)
     assert checkpoint_info(folder) == {"step": 2, "ema_rates": [0.9, 0.99]}
+    assert recorded_threads(tmp_path / "fsdp") == torch.get_num_threads() == 1  # what --resume keeps
     net, meta, used = load_scored_student(folder, weights="ema-0.99")
     ref, _, _ = load_scored_student(tmp_path / "plain", weights="ema-0.99")
     assert_same_state(net.state_dict(), ref.state_dict(), exact=False)
@@ -173,3 +175,57 @@ def test_sharded_checkpoint_for_sample_fid_and_export(tmp_path):
         assert res.exit_code == 0, res.output
         outs[name] = np.load(out)["x"]
     np.testing.assert_allclose(outs["fsdp"], outs["plain"], atol=1e-5)
+
+
+def test_fsdp_diffusers_student_through_sample_fid_and_export(tmp_path):
+    """`distill --parallel fsdp` of a diffusers UNet student (its down/up blocks as units, the
+    teacher replicated), then sample, fid and export-diffusers on the run folder: the exported
+    pipeline's one-step sample equals `pid-fast sample`'s."""
+    pytest.importorskip("diffusers")
+    from pid_fast.cli import main as group
+    from pid_fast.data.assets import DEFAULT_FEATURES
+    from pid_fast.io.diffusers_io import load_one_step, one_step_sample
+    from pid_fast.sampling import seeded_latents
+    from test_diffusers_teacher import _config, save_teacher
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(_config(save_teacher(tmp_path / "teacher"), teacher_sharding=False)))
+    run = tmp_path / "run"
+    runner = CliRunner()
+    res = runner.invoke(group, ["distill", "--config", str(config), "--run-dir", str(run), "--threads", "1",
+                                "--parallel", "fsdp"])
+    assert res.exit_code == 0, res.output
+    assert list_checkpoints(run)[0][1].endswith(".dcp")
+    res = runner.invoke(group, ["sample", str(run), str(tmp_path / "s.npz"), "--num", "4", "--weights", "model"])
+    assert res.exit_code == 0, res.output
+    x = np.load(tmp_path / "s.npz")["x"]
+    if os.path.isfile(DEFAULT_FEATURES):
+        res = runner.invoke(group, ["fid", str(run), "--features", "digits", "--num", "20", "--batch", "10"])
+        assert res.exit_code == 0, res.output
+        assert np.isfinite(float(res.output.strip().split()[-1]))
+    out = tmp_path / "one-step"
+    res = runner.invoke(group, ["export-diffusers", str(run), str(out), "--weights", "model"])
+    assert res.exit_code == 0, res.output
+    loaded, settings = load_one_step(out)
+    z, _ = seeded_latents(range(4), settings["shape"])
+    np.testing.assert_allclose(one_step_sample(loaded, settings, z).numpy(), x, atol=1e-5)
+
+
+def test_fsdp_bf16_and_power_emas_in_one_process(tmp_path):
+    """The pure bf16 mode (16-bit gathered weights) trains close to its ddp run; power-EMA
+    snapshots of sharded EMAs are written full (gathered), equal to the unsharded run's."""
+    from pid_fast.train.power_ema import list_snapshots
+
+    cfg = tiny_config(**{"precision": "bf16", "total_steps": 3, "log_every": 1, "checkpoint_every": 3,
+                         "power_ema.sigma_rels": [0.1], "power_ema.snapshot_every": 3})
+    train(cfg, tmp_path / "plain")
+    train(apply_overrides(cfg, {"parallel": "fsdp"}), tmp_path / "fsdp")
+    la, lb = _losses(tmp_path / "plain"), _losses(tmp_path / "fsdp")
+    assert np.all(np.isfinite(lb))
+    np.testing.assert_allclose(lb, la, rtol=0.05)  # bf16 rounding: gathered bf16 weights vs autocast's casts
+    (_, path_a), (_, path_b) = list_snapshots(tmp_path / "plain")[-1], list_snapshots(tmp_path / "fsdp")[-1]
+    a, b = torch.load(path_a, weights_only=True), torch.load(path_b, weights_only=True)
+    assert a["ema"].keys() == b["ema"].keys()
+    key = next(iter(a["ema"]))
+    assert all(type(v) is torch.Tensor for v in b["ema"][key].values())  # full tensors, not DTensors
+    assert _max_diff(a["ema"][key], b["ema"][key]) < 0.05
