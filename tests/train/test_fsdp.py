@@ -211,12 +211,14 @@ def test_fsdp_diffusers_student_through_sample_fid_and_export(tmp_path):
     np.testing.assert_allclose(one_step_sample(loaded, settings, z).numpy(), x, atol=1e-5)
 
 
-def test_fsdp_bf16_and_power_emas_in_one_process(tmp_path):
-    """The pure bf16 mode (16-bit gathered weights) trains close to its ddp run; power-EMA
-    snapshots of sharded EMAs are written full (gathered), equal to the unsharded run's."""
+@pytest.mark.parametrize("precision", ["bf16", "fp16-mixed"])
+def test_fsdp_16bit_modes_and_power_emas_in_one_process(tmp_path, precision):
+    """The pure bf16 mode (16-bit gathered weights) and fp16-mixed (fp32 weights, autocast, loss
+    scaling) train close to their plain runs; power-EMA snapshots of sharded EMAs are written
+    full (gathered), equal to the unsharded run's."""
     from pid_fast.train.power_ema import list_snapshots
 
-    cfg = tiny_config(**{"precision": "bf16", "total_steps": 3, "log_every": 1, "checkpoint_every": 3,
+    cfg = tiny_config(**{"precision": precision, "clip_grad_norm": 1.0, "total_steps": 3, "log_every": 1, "checkpoint_every": 3,
                          "power_ema.sigma_rels": [0.1], "power_ema.snapshot_every": 3})
     train(cfg, tmp_path / "plain")
     train(apply_overrides(cfg, {"parallel": "fsdp"}), tmp_path / "fsdp")
