@@ -449,6 +449,8 @@ def _with_keys_added_since(stored: Mapping[str, Any]) -> dict:
         loss.setdefault("allow_stochastic_student", False)
     stored.setdefault("lr_schedule", {"warmup_steps": 0, "decay": "constant", "decay_steps": 1000})
     stored.setdefault("power_ema", {"sigma_rels": [], "snapshot_every": 0})
+    stored.setdefault("parallel", "ddp")
+    stored.setdefault("teacher_sharding", None)
     stored.setdefault("grid", {"sampling": "uniform", "weighting": "uniform", "stats_decay": 0.99,
                                "uniform_mix": 0.5, "coarse_to_fine": []})
     return stored

@@ -53,6 +53,14 @@ def test_units_and_config_errors():
         with pytest.raises(ValueError, match=key.replace(".", r"\.")):
             resolve_config(bad)
     assert resolve_config({"parallel": "fsdp"})["teacher_sharding"] is None
+    # a run from before these keys resumes as ddp; a ddp run does not resume as fsdp
+    from pid_fast.train.config import check_resume_config
+
+    now = resolve_config({})
+    old = {k: v for k, v in now.items() if k not in ("parallel", "teacher_sharding", "log")}
+    assert check_resume_config(old, now)["parallel"] == "ddp"
+    with pytest.raises(ValueError, match="parallel"):
+        check_resume_config(old, resolve_config({"parallel": "fsdp"}))
 
 
 def test_fsdp_one_process_equals_the_single_process_trainer(tmp_path):
