@@ -82,6 +82,9 @@ RECIPES = {
     "warmup-clip-8e-3": ("warmup-clip-4e-3 with lr 8e-3",
                          {"optimizer": dict(_DEMO_OPT, lr=8e-3, betas=[0.9, 0.99]), "ema_rates": [0.99, 0.995],
                           "lr_schedule": {"decay": "cosine", "warmup_steps": 40}, "clip_grad_norm": 1.0}),
+    "warmup-clip-16e-3": ("warmup-clip-4e-3 with lr 1.6e-2",
+                          {"optimizer": dict(_DEMO_OPT, lr=1.6e-2, betas=[0.9, 0.99]), "ema_rates": [0.99, 0.995],
+                           "lr_schedule": {"decay": "cosine", "warmup_steps": 40}, "clip_grad_norm": 1.0}),
     "cosine-b2-jvp": ("cosine-b2 with the jvp derivative (one student evaluation and its forward-mode derivative "
                       "instead of the second evaluation), EMAs 0.99/0.995",
                       {"optimizer": dict(_DEMO_OPT, betas=[0.9, 0.99]), "ema_rates": [0.99, 0.995],

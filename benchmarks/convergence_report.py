@@ -13,7 +13,7 @@ TARGET = 1.05  # the FD-to-data target of the earlier tables: within 1.05x the t
 TARGET_FD_TEACHER, TARGET_RMSE = 0.16, 0.140
 STEPS_SHOWN = (100, 200, 300, 400, 600, 1200)
 # drawn thick: the demo's recipe before and after benchmarks/results/convergence-notes.md's choice
-HIGHLIGHT = {("demo", "ema-0.998"), ("cosine-b2", "model+teacher-0.2"), ("cosine-b2-600", "model+teacher-0.2")}
+HIGHLIGHT = {("demo", "ema-0.998"), ("cosine-b2", "model+teacher-0.2"), ("warmup-clip-8e-3", "model+teacher-0.1")}
 
 
 def steps_to_target(curve: dict, teacher: float, target: float = TARGET):
@@ -95,24 +95,38 @@ def heldout_table(results: dict) -> list[str]:
              "data / the teacher's FD to data on the same seeds):", "",
              "| recipe | weights | step | " + " | ".join(f"seeds {k}+" for k in fds)
              + " | mean FD to teacher | mean RMSE to Heun | mean ratio |", "|---|---|---|" + "---|" * len(fds) + "---|---|---|"]
+    first = next(iter(fds))
+    marked = False
     for name, held in rows:
+        curves = results["recipes"][name]["digits"]
         for weights, by_seed in held["scores"].items():
             ratios = [by_seed[k]["fd"] / fds[k] for k in fds if k in by_seed and k in fds]
             to_teacher = [by_seed[k]["fd_teacher"] for k in fds if k in by_seed]
             rmse = [by_seed[k]["rmse_teacher"] for k in fds if "rmse_teacher" in by_seed.get(k, {})]
+            step = str(held["step"])
+            selection = None  # seeds of the curves, not scored again: their values, marked, outside the means
+            if first not in by_seed and step in curves.get("fd_teacher", {}).get(weights, {}):
+                selection = {key: curves[key][weights][step] for key in ("fd_teacher", "rmse_teacher", "fd")
+                             if step in curves.get(key, {}).get(weights, {})}
 
             def cell(k):
-                if k not in by_seed:
+                r = by_seed.get(k, selection if k == first else None)
+                if r is None:
                     return "-"
-                r = by_seed[k]
                 d = f"{r['rmse_teacher']:.4f}" if "rmse_teacher" in r else "-"
-                return f"{r['fd_teacher']:.3f} / {d} / {r['fd']:.3f} ({r['fd'] / fds[k]:.3f}x)"
+                return (f"{r['fd_teacher']:.3f} / {d} / {r['fd']:.3f} ({r['fd'] / fds[k]:.3f}x)"
+                        + (" (a)" if k not in by_seed else ""))
+
+            marked = marked or selection is not None
 
             size = f" ({held['num']} samples)" if held.get("num", results["num_samples"]) != results["num_samples"] else ""
             lines.append(f"| {name} | {weights} | {held['step']}{size} | " + " | ".join(cell(k) for k in fds)
                          + f" | **{sum(to_teacher) / len(to_teacher):.3f}** | "
                          + (f"{sum(rmse) / len(rmse):.4f}" if rmse else "-")
                          + f" | {sum(ratios) / len(ratios):.3f}x |")
+    if marked:
+        lines += ["", f"(a) seeds {first}+, the curves' {results['num_samples']} samples at the last step: the seed set "
+                  "these recipes and shares were chosen on, left out of the means (held out: the other sets)."]
     return lines
 
 
