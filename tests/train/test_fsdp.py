@@ -83,9 +83,12 @@ def test_fsdp_two_processes_match_ddp_for_20_steps(tmp_path):
     """2 CPU processes (gloo), fp32, 2 accumulation rounds, 20 steps: fsdp (sharded teacher) and
     ddp give the same loss curve and final weights and EMAs."""
     cfg = tiny_config(**{"batch_size": 8, "accum": 2, "total_steps": 20, "checkpoint_every": 20, "log_every": 1,
-                         "student.init": "teacher", "student.network": None, "precision": "fp32"})
-    train_local_runs([(cfg, tmp_path / "ddp", False),
-                      (apply_overrides(cfg, {"parallel": "fsdp"}), tmp_path / "fsdp", False)], world_size=2)
+                         "student.init": "teacher", "student.network": None, "precision": "fp32",
+                         "log.tensorboard": True})  # (so both log the gradient norm; fsdp's is collective)
+    fsdp = apply_overrides(cfg, {"parallel": "fsdp"})
+    train_local_runs([(cfg, tmp_path / "ddp", False), (fsdp, tmp_path / "fsdp", False)], world_size=2)
+    events = os.listdir(tmp_path / "fsdp" / "tensorboard")
+    assert len(events) == 1 and events[0].startswith("events.out.tfevents")  # rank 0 only
     la, lb = _losses(tmp_path / "ddp"), _losses(tmp_path / "fsdp")
     assert len(la) == len(lb) == 20
     np.testing.assert_allclose(lb, la, rtol=1e-5)
@@ -96,6 +99,10 @@ def test_fsdp_two_processes_match_ddp_for_20_steps(tmp_path):
     difference = _max_diff(a["model"], b["model"])
     moved = _max_diff(a["model"], _state_after_zero_steps(cfg))  # how far 20 steps took the weights
     assert difference < 1e-6 and moved > 1e3 * difference
+    norms = {mode: [json.loads(line)["grad_norm"] for line in open(tmp_path / mode / "log.jsonl")]
+             for mode in ("ddp", "fsdp")}
+    assert len(norms["fsdp"]) == 20 and all(n > 0 for n in norms["fsdp"])
+    np.testing.assert_allclose(norms["fsdp"], norms["ddp"], rtol=1e-5)
 
 
 def _state_after_zero_steps(cfg):
