@@ -371,7 +371,7 @@ def format_table(summary: dict[str, Any]) -> str:
     for key in ("student", "heun", "euler", "real"):
         r = rows[key]
         t = f"{r['seconds']:.1f}s" if key != "real" else "-"
-        ft = f"{r['fd_teacher']:.3f}" if "fd_teacher" in r else "-"
+        ft = f"{max(r['fd_teacher'], 0.0):.3f}" if "fd_teacher" in r else "-"  # (-1e-9 for the teacher itself)
         d = f"{r['rmse_to_heun']:.4f}" if "rmse_to_heun" in r else "-"
         lines.append(f"{r['label']:{width}s} {r['nfe']:>4d} {ft:>13s} {d:>13s} {r['fd']:>10.3f} {r['kid']:>8.4f} "
                      f"{t:>7s}")
@@ -394,6 +394,6 @@ def format_table(summary: dict[str, Any]) -> str:
                      + ", ".join(f"N={r['N']}: {r['rmse']:.3f}" for r in a))
     lines.append("pictures:")
     for name, path in summary["pictures"].items():
-        lines.append(f"  {name:17s} {path}")
-    lines.append(f"  run folder        {summary['run_dir']} (checkpoints, log.jsonl, samples-*.png)")
+        lines.append(f"  {name:24s} {path}")
+    lines.append(f"  {'run folder':24s} {summary['run_dir']} (checkpoints, log.jsonl, samples-*.png)")
     return "\n".join(lines)
