@@ -51,12 +51,15 @@ def unconditional_labels(guide_labels: GuideLabels, labels: Optional[torch.Tenso
     if isinstance(guide_labels, torch.Tensor):
         if labels is None:
             return guide_labels
-        one = guide_labels.to(device=labels.device, dtype=labels.dtype)
+        one = guide_labels.to(labels.device)
+        if not one.is_floating_point() and one.numel() == 1 and labels.is_floating_point() and labels.dim() == 2:
+            one = torch.nn.functional.one_hot(one.reshape(1).long(), labels.shape[1])  # a null class index
+        one = one.to(labels.dtype)
         if one.shape == labels.shape:
             return one
         if one.shape == labels.shape[1:]:
             one = one.unsqueeze(0)
-        if one.shape[0] != 1 or one.shape[1:] != labels.shape[1:]:
+        if one.dim() == 0 or one.shape[0] != 1 or one.shape[1:] != labels.shape[1:]:
             raise ValueError(f"guide_labels: a tensor of one label's shape {tuple(labels.shape[1:])} (or with a "
                              f"leading 1, or the batch's {tuple(labels.shape)}), got {tuple(guide_labels.shape)}")
         return one.expand_as(labels)
@@ -140,6 +143,18 @@ class GuidedDenoiser(Preconditioning):
     def coefficients(self, sigma: torch.Tensor) -> Coefficients:
         return self.main.coefficients(sigma)
 
+    @property
+    def scheduler_config(self):
+        """The main teacher's diffusers scheduler config, if any: the samplers then default to its
+        grid (pid_fast.sampling.default_grid), as diffusers samples the guided model."""
+        return getattr(self.main, "scheduler_config", None)
+
+    def sampling_grid(self, num_steps: int, solver: str) -> dict:
+        """The main teacher's scheduler grid (samplers' grid="scheduler")."""
+        if not callable(getattr(self.main, "sampling_grid", None)):
+            raise ValueError(f"grid='scheduler': the main teacher {type(self.main).__name__} has no scheduler grid")
+        return self.main.sampling_grid(num_steps, solver)
+
     def pid_sigma_range(self) -> tuple[float, float]:
         lo_m, hi_m = self.main.pid_sigma_range()
         lo_g, hi_g = self.guide.pid_sigma_range()
@@ -187,16 +202,21 @@ class GuidedDenoiser(Preconditioning):
         return torch.lerp(g_guide, g_main, self.scale)  # exact at w = 0 and w = 1
 
     def forward(self, x: torch.Tensor, sigma: Any, class_labels: Optional[torch.Tensor] = None,
-                force_fp32: bool = False) -> torch.Tensor:
+                force_fp32: bool = False, timestep: Any = None) -> torch.Tensor:
+        """D_w(x; sigma). ``timestep``: the networks' time label instead of sigma's (a sampler on a
+        diffusers scheduler's own grid passes the scheduler's timesteps)."""
         x = _check_batch(x, type(self).__name__)
         if not isinstance(self.main, DirectDenoiser):  # (direct denoisers keep the caller's dtype, e.g. fp64)
             x = x.to(torch.float32)
         sigma = sigma_vector(sigma, x.shape[0], device=x.device, dtype=x.dtype)
         if self.is_identity:
-            return self.main(x, sigma, class_labels, force_fp32=force_fp32)
+            return self.main(x, sigma, class_labels, force_fp32=force_fp32,
+                             **({} if timestep is None else {"timestep": timestep}))
         c = self.coefficients(sigma)
+        c_noise = c.c_noise if timestep is None else sigma_vector(timestep, x.shape[0], device=x.device,
+                                                                  name="timestep")
         x_in = _per_sample(c.c_in, x.ndim) * x
-        g_main, g_guide = self.raw_pair(x_in, c.c_noise, class_labels, force_fp32)
+        g_main, g_guide = self.raw_pair(x_in, c_noise, class_labels, force_fp32)
         g = torch.lerp(g_guide, g_main, _per_sample(self.guidance_scale(sigma).to(g_main.dtype), x.ndim))
         return _per_sample(c.c_skip, x.ndim) * x + _per_sample(c.c_out, x.ndim) * g
 

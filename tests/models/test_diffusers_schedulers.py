@@ -281,3 +281,29 @@ def test_a_bare_zero_terminal_snr_schedule_names_the_setting():
     with pytest.raises(ValueError, match="rescale_betas_zero_snr"):
         DiffusersDenoiser(tiny_unet(), ab)
     assert schedule_sigmas(ab[:-1]).numel() == 999
+
+
+def test_guided_diffusers_teacher_samples_as_diffusers_cfg():
+    """pid_fast.guided on a class-conditional diffusers teacher (a null class as the unconditional
+    input) samples on the scheduler's own grid by default, equal to diffusers' classifier-free
+    guidance loop (eps_u + w (eps_c - eps_u)) from the same noise."""
+    from pid_fast import guided
+    from pid_fast.sampling import default_grid
+
+    unet = tiny_unet(num_class_embeds=4)
+    scheduler = diffusers.DDPMScheduler(clip_sample=False, timestep_spacing="trailing")
+    main = DiffusersDenoiser.from_scheduler(unet, scheduler)
+    teacher = guided(main, main, 2.5, guide_labels=torch.tensor(3))
+    assert default_grid(teacher) == "scheduler"
+    z, classes = latents(), torch.tensor([0, 2, 1])
+    loop = diffusers.HeunDiscreteScheduler.from_config(scheduler.config)
+    loop.set_timesteps(6)
+    x = z * loop.init_noise_sigma
+    with torch.no_grad():
+        for t in loop.timesteps:
+            x_in = loop.scale_model_input(x, t)
+            cond = unet(x_in, t, class_labels=classes).sample
+            uncond = unet(x_in, t, class_labels=torch.full_like(classes, 3)).sample
+            x = loop.step(uncond + 2.5 * (cond - uncond), t, x).prev_sample
+        ours = heun_sample(teacher, z, classes, num_steps=6)
+    assert rel_rmse(ours, x) < TOLERANCE
