@@ -431,8 +431,8 @@ def main() -> None:
             scores = digits.get("heldout", {}).get("scores", {}) if digits.get("heldout", {}).get("step") == args.steps \
                 else {}
             for w, by_seed in held.items():
-                scores.setdefault(w, {}).update({str(k): v for k, v in by_seed.items()})
-            digits["heldout"] = {"step": args.steps, "num": args.num, "scores": scores}
+                scores.setdefault(w, {}).update({str(k): {**v, "num": args.num} for k, v in by_seed.items()})
+            digits["heldout"] = {"step": args.steps, "scores": scores}
 
         _merge(update, command, command)
         return
