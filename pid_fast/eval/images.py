@@ -9,7 +9,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-__all__ = ["to_uint8", "save_image_grid", "save_images"]
+__all__ = ["to_uint8", "image_grid", "save_image_grid", "save_images"]
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -24,8 +24,8 @@ def _pil(img: np.ndarray):
     return Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)
 
 
-def save_image_grid(x: torch.Tensor, path: str, cols: Optional[int] = None) -> None:
-    """A PNG grid of a batch (B, C, H, W) in [-1, 1]."""
+def image_grid(x: torch.Tensor, cols: Optional[int] = None) -> np.ndarray:
+    """A batch (B, C, H, W) in [-1, 1] as one uint8 (rows H, cols W, C) grid image."""
     imgs = to_uint8(x)
     B, H, W, C = imgs.shape
     cols = cols or max(1, int(math.ceil(math.sqrt(B))))
@@ -34,7 +34,12 @@ def save_image_grid(x: torch.Tensor, path: str, cols: Optional[int] = None) -> N
     for k in range(B):
         r, c = divmod(k, cols)
         grid[r * H:(r + 1) * H, c * W:(c + 1) * W] = imgs[k]
-    _pil(grid).save(path)
+    return grid
+
+
+def save_image_grid(x: torch.Tensor, path: str, cols: Optional[int] = None) -> None:
+    """A PNG grid of a batch (B, C, H, W) in [-1, 1]."""
+    _pil(image_grid(x, cols)).save(path)
 
 
 def save_images(x: torch.Tensor, folder: str, names) -> None:

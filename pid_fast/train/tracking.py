@@ -13,14 +13,14 @@ snapshot grid as the image samples/one_step at every snapshot.
 from __future__ import annotations
 
 import importlib.util
-import math
 import os
 from typing import Any, Mapping, Optional
 
-import numpy as np
 import torch
 
-__all__ = ["TRACKER_PACKAGES", "check_trackers", "Trackers", "image_grid"]
+from pid_fast.eval.images import image_grid
+
+__all__ = ["TRACKER_PACKAGES", "check_trackers", "Trackers"]
 
 # config key -> (module that must import, pip extra / package to install)
 TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "pid_fast[tensorboard]"), "wandb": ("wandb", "wandb")}
@@ -34,19 +34,6 @@ def check_trackers(log_cfg: Mapping[str, Any]) -> None:
         if log_cfg.get(key) and importlib.util.find_spec(module) is None:
             raise ImportError(f"config['log.{key}'] is true but the {module!r} package is not installed "
                               f"(pip install {install})")
-
-
-def image_grid(x: torch.Tensor, cols: Optional[int] = None) -> np.ndarray:
-    """A batch (B, C, H, W) in [-1, 1] as one uint8 HWC grid image (C of 1 or 3)."""
-    imgs = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    B, H, W, C = imgs.shape
-    cols = cols or max(1, int(math.ceil(math.sqrt(B))))
-    rows = int(math.ceil(B / cols))
-    grid = np.zeros((rows * H, cols * W, C), dtype=np.uint8)
-    for k in range(B):
-        r, c = divmod(k, cols)
-        grid[r * H:(r + 1) * H, c * W:(c + 1) * W] = imgs[k]
-    return grid
 
 
 class Trackers:
