@@ -239,20 +239,25 @@ def op_args(case, need_grad):
             case.c_out, case.weight, 80.0, 2, 0.05, need_grad)
 
 
-@pytest.mark.parametrize("ns", ["pid_fast", pytest.param("pid_fast_triton", marks=pytest.mark.triton)])
-def test_opcheck(ns):
+def _opcheck_setup(ns, **case_kw):
+    """(the op namespace, a case, its streams with F(t), F(t2) requiring grad, opcheck's utils)."""
     from pid_fast.ops import triton_kernels  # noqa: F401
-    ops = getattr(torch.ops, ns)
-    case = make_case((3, 2, 4, 4), torch.float32, "cuda" if HAS_CUDA else "cpu")
-    f_t = case.f_t.detach().requires_grad_()
-    f_t2 = case.f_t2.detach().requires_grad_()
-    streams = (case.noise, f_t, f_t2, case.teacher_out)
+    case = make_case((3, 2, 4, 4), torch.float32, "cuda" if HAS_CUDA else "cpu", **case_kw)
+    streams = (case.noise, case.f_t.detach().requires_grad_(), case.f_t2.detach().requires_grad_(),
+               case.teacher_out)
     utils = ["test_schema", "test_autograd_registration", "test_faketensor",
              "test_aot_dispatch_dynamic"]
     if ns == "pid_fast_triton" and not HAS_CUDA:
         # AOT tracing runs triton_op bodies on functional tensors, which the interpreter
         # cannot read; on a GPU the full check runs.
         utils.remove("test_aot_dispatch_dynamic")
+    return getattr(torch.ops, ns), case, streams, utils
+
+
+@pytest.mark.parametrize("ns", ["pid_fast", pytest.param("pid_fast_triton", marks=pytest.mark.triton)])
+def test_opcheck(ns):
+    ops, case, streams, utils = _opcheck_setup(ns)
+    f_t = streams[1]
     check = lambda op, args: torch.library.opcheck(op, args, test_utils=utils)  # noqa: E731
     check(ops.loss, (*streams, *op_args(case, True)[4:]))
     check(ops.loss, (*streams, *op_args(case, False)[4:]))
@@ -593,17 +598,8 @@ def guided_op_args(case, need_grad, guide_out, guide_scale):
 
 @pytest.mark.parametrize("ns", ["pid_fast", pytest.param("pid_fast_triton", marks=pytest.mark.triton)])
 def test_guided_opcheck(ns):
-    from pid_fast.ops import triton_kernels  # noqa: F401
-    ops = getattr(torch.ops, ns)
-    case = make_case((3, 2, 4, 4), torch.float32, "cuda" if HAS_CUDA else "cpu", seed=32)
+    ops, case, streams, utils = _opcheck_setup(ns, seed=32)
     guide_out, w = make_guide(case, seed=32)
-    f_t = case.f_t.detach().requires_grad_()
-    f_t2 = case.f_t2.detach().requires_grad_()
-    streams = (case.noise, f_t, f_t2, case.teacher_out)
-    utils = ["test_schema", "test_autograd_registration", "test_faketensor",
-             "test_aot_dispatch_dynamic"]
-    if ns == "pid_fast_triton" and not HAS_CUDA:
-        utils.remove("test_aot_dispatch_dynamic")  # see test_opcheck
     for need_grad in (True, False):
         torch.library.opcheck(ops.loss, (*streams, *guided_op_args(case, need_grad, guide_out, w)[4:]),
                               test_utils=utils)
