@@ -68,9 +68,11 @@ DEFAULT_CONFIG: dict[str, Any] = {
     # the grid indices of each step (pid_fast.train.schedules): sampling "uniform" (the reference)
     # | "importance" (by each index's running mean loss, mixed with uniform_mix of the uniform draw,
     # reweighted: the expected loss is unchanged); weighting "uniform" | "adaptive" (each index's loss
-    # over its running mean); coarse_to_fine: [[until_step, N'], ...], nested coarser grids first
+    # over its running mean); coarse_to_fine: [[until_step, N'], ...], nested coarser grids first;
+    # indices_per_noise k: k grid points on each noise's trajectory per step (the student and the
+    # teacher then run on k x batch_size rows; 1: the reference's one point per noise)
     "grid": {"sampling": "uniform", "weighting": "uniform", "stats_decay": 0.99, "uniform_mix": 0.5,
-             "coarse_to_fine": []},
+             "coarse_to_fine": [], "indices_per_noise": 1},
     "batch_size": 512,               # global batch (all ranks and accumulation rounds)
     "accum": 1,                      # gradient accumulation rounds per step
     # the student's pass (pid_fast.models.precision): fp32 | tf32 | bf16 | fp16 | bf16-mixed |
@@ -302,6 +304,7 @@ def _check_schedules_and_power_ema(cfg: Mapping[str, Any]) -> None:
     _need(is_number(grid["uniform_mix"]) and 0 < grid["uniform_mix"] <= 1, "grid.uniform_mix", "a number in (0, 1]",
           grid["uniform_mix"])
     check_coarse_to_fine(grid["coarse_to_fine"], cfg["loss"]["N"], _name("grid.coarse_to_fine"))
+    check_int(grid["indices_per_noise"], _name("grid.indices_per_noise"), minimum=1)
 
 
 def _check_loss(loss: Mapping[str, Any]) -> None:
@@ -453,4 +456,6 @@ def _with_keys_added_since(stored: Mapping[str, Any]) -> dict:
     stored.setdefault("teacher_sharding", None)
     stored.setdefault("grid", {"sampling": "uniform", "weighting": "uniform", "stats_decay": 0.99,
                                "uniform_mix": 0.5, "coarse_to_fine": []})
+    if isinstance(stored["grid"], dict):
+        stored["grid"].setdefault("indices_per_noise", 1)
     return stored

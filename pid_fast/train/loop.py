@@ -126,22 +126,31 @@ def step_seed(seed: int, step: int) -> int:
 
 
 def draw_inputs(generator: torch.Generator, seed: int, global_batch: int, shape, num_points: int,
-                label_dim: int, device, sampler: Optional[GridIndexSampler] = None
+                label_dim: int, device, sampler: Optional[GridIndexSampler] = None, indices_per_noise: int = 1
                 ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """The random inputs of one step for the whole global batch: latents z ~ N(0, I), grid
     indices i ~ UniformInt{0..N-1} (or as ``sampler`` draws them on the num_points grid) and
-    uniform one-hot class labels (None if unconditional)."""
+    uniform one-hot class labels (None if unconditional). With ``indices_per_noise`` k > 1 the
+    indices are (global_batch, k): k independent grid points on each noise's trajectory."""
     generator.manual_seed(seed)
     noise = torch.randn((global_batch, *shape), generator=generator, device=device)
+    count = global_batch * indices_per_noise
     if sampler is None:
-        grid_indices = torch.randint(0, num_points, (global_batch,), generator=generator, device=device)
+        grid_indices = torch.randint(0, num_points, (count,), generator=generator, device=device)
     else:
-        grid_indices = sampler.draw_indices(generator, global_batch, num_points, device)
+        grid_indices = sampler.draw_indices(generator, count, num_points, device)
+    if indices_per_noise > 1:
+        grid_indices = grid_indices.reshape(global_batch, indices_per_noise)
     labels = None
     if label_dim:
         classes = torch.randint(0, label_dim, (global_batch,), generator=generator, device=device)
         labels = F.one_hot(classes, label_dim).float()
     return noise, grid_indices, labels
+
+
+def _repeat_rows(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Each row of ``x`` k times in a row (rows r, r, ..., r+1, ...): the layout of (B, k) indices."""
+    return x if k == 1 else x.repeat_interleave(k, dim=0)
 
 
 def _per_round_batch(global_batch: int, world_size: int, accum_rounds: int) -> int:
@@ -358,29 +367,33 @@ class _Run:
         cfg, accum_rounds, sampler = self.cfg, self.accum_rounds, self.grid_sampler
         grid_size = grid_size_at(self.step, cfg["loss"]["N"], cfg["grid"]["coarse_to_fine"])
         self.loss_fn.N = grid_size  # a coarse level's grid is nested in the N-point grid
+        k = cfg["grid"]["indices_per_noise"]
         noise, grid_indices, labels = draw_inputs(generator, step_seed(cfg["seed"], self.step), self.global_batch,
                                                   self.image_shape, grid_size, self.label_dim, self.ctx.device,
-                                                  sampler)
+                                                  sampler, indices_per_noise=k)
         if self.text is not None:  # the step's prompts, drawn from (seed, step) alone
             labels = self.text.draw(step_seed(cfg["seed"], self.step), self.global_batch, self.ctx.device)
-        weights = sampler.weights_for(grid_indices, grid_size)
+        weights = sampler.weights_for(grid_indices, grid_size)  # shaped like grid_indices
         step_loss = torch.zeros((), dtype=torch.float32, device=self.ctx.device)
         # the per-sample losses of the global batch, only for a sampler that learns from them
-        losses = torch.zeros(self.global_batch, dtype=torch.float32, device=self.ctx.device) if sampler.uses_losses else None
+        losses = (torch.zeros(grid_indices.shape, dtype=torch.float32, device=self.ctx.device)
+                  if sampler.uses_losses else None)
         for round_index in range(accum_rounds):
             rows = self._rows(round_index)
             with grad_sync(self.model, self.ctx, sync=round_index == accum_rounds - 1):
                 with self._autocast():
-                    per_sample = self.loss_forward(noise[rows], None if labels is None else labels[rows],
-                                                   grid_indices[rows])
-                    loss = (per_sample if weights is None else per_sample * weights[rows]).mean()
+                    # k grid points per noise: each noise (and its label) repeated k times, one pass of k x rows
+                    per_sample = self.loss_forward(_repeat_rows(noise[rows], k),
+                                                   None if labels is None else _repeat_rows(labels[rows], k),
+                                                   grid_indices[rows].reshape(-1))
+                    loss = (per_sample if weights is None else per_sample * weights[rows].reshape(-1)).mean()
                 self._backward(loss / accum_rounds)
             step_loss += loss.detach().float() / accum_rounds
             if losses is not None:
-                losses[rows] = per_sample.detach().float()
+                losses[rows] = per_sample.detach().float().reshape(losses[rows].shape)
         if losses is not None:  # every rank folds in the whole global batch's losses
             all_reduce_sum(losses, self.ctx)
-            sampler.observe(grid_indices, losses, grid_size)
+            sampler.observe(grid_indices.reshape(-1), losses.reshape(-1), grid_size)
         self._set_lr(self.step)
         self._optimizer_step()
         self.optimizer.zero_grad(set_to_none=True)

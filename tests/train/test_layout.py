@@ -62,6 +62,9 @@ def test_step_inputs_depend_on_seed_and_step_only():
     assert int(grid_indices.min()) >= 0 and int(grid_indices.max()) < 250
     assert torch.equal(labels.sum(1), torch.ones(8))  # one-hot
     assert draw_inputs(gen, step_seed(0, 5), 8, shape, 250, 0, "cpu")[2] is None  # unconditional
+    noise3, indices3, labels3 = draw_inputs(gen, step_seed(0, 5), 8, shape, 250, 3, "cpu", indices_per_noise=3)
+    assert torch.equal(noise3, noise) and indices3.shape == (8, 3)  # the same noises, 3 points on each
+    assert int(indices3.min()) >= 0 and int(indices3.max()) < 250 and labels3.shape == (8, 3)
 
 
 @pytest.mark.parametrize("bad, message", [({"batch_size": True}, r"config\['batch_size'\] must be an int >= 1"),

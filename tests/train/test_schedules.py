@@ -89,11 +89,14 @@ def _config(**over):
     return apply_overrides(cfg, over)
 
 
-def test_trainer_schedules_resume_exactly(tmp_path):
-    """Warm-up + inverse-sqrt lr, importance sampling with adaptive weighting and a coarse level:
-    the logged lr follows the schedule, and a run resumed at step 4 equals the uninterrupted one."""
+@pytest.mark.parametrize("indices_per_noise", [1, 2])
+def test_trainer_schedules_resume_exactly(tmp_path, indices_per_noise):
+    """Warm-up + inverse-sqrt lr, importance sampling with adaptive weighting and a coarse level
+    (with 1 and 2 grid points per noise): the logged lr follows the schedule, and a run resumed at
+    step 4 equals the uninterrupted one."""
     cfg = _config(**{"lr_schedule": {"warmup_steps": 2, "decay": "inv_sqrt", "decay_steps": 4},
-                     "grid": {"sampling": "importance", "weighting": "adaptive", "coarse_to_fine": [[3, 84]]}})
+                     "grid": {"sampling": "importance", "weighting": "adaptive", "coarse_to_fine": [[3, 84]],
+                              "indices_per_noise": indices_per_noise}})
     train(cfg, tmp_path / "full")
     train(apply_overrides(cfg, {"total_steps": 4}), tmp_path / "split")
     train(cfg, tmp_path / "split", resume=True)
@@ -103,6 +106,9 @@ def test_trainer_schedules_resume_exactly(tmp_path):
         for name in a[key]:
             assert torch.equal(a[key][name], b[key][name])
     assert float(a["grid_sampler"]["count"].sum()) > 0
+    # every drawn index is observed: 8 steps x 4 noises x k points, decayed by stats_decay
+    assert float(a["grid_sampler"]["count"].sum()) == pytest.approx(
+        4 * indices_per_noise * sum(0.99 ** s for s in range(8)), rel=1e-5)
     logs = [json.loads(line) for line in open(tmp_path / "full" / "log.jsonl")]
     lrs = {r["step"]: r["lr"] for r in logs if "lr" in r}
     # the lr logged at step s is the one the step s - 1 (0-based) used
@@ -129,6 +135,7 @@ def test_uniform_default_is_the_reference_run(tmp_path):
                                       ({"grid": {"sampling": "sorted"}}, "grid.sampling"),
                                       ({"grid": {"weighting": "snr"}}, "grid.weighting"),
                                       ({"grid": {"uniform_mix": 0}}, "grid.uniform_mix"),
+                                      ({"grid": {"indices_per_noise": 0}}, "grid.indices_per_noise"),
                                       ({"grid": {"coarse_to_fine": [[10, 50]]}}, "grid.coarse_to_fine")])
 def test_schedule_config_is_checked(bad, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):

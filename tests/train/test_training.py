@@ -1,6 +1,7 @@
 """The trainer: config, exact resume, kill safety, non-finite stop, DDP, CLI, sampling."""
 
 import json
+import math
 import os
 import random
 import subprocess
@@ -354,11 +355,31 @@ def test_fast_step_options_keep_the_loss(tmp_path, over):
 class LabelRecorder(EDMPrecond):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.labels = []
+        self.labels, self.noise_levels = [], []
 
     def raw(self, x_in, c_noise, class_labels=None, force_fp32=False):
         self.labels.append(class_labels.clone())
+        self.noise_levels.append(c_noise.detach().reshape(-1).clone())
         return super().raw(x_in, c_noise, class_labels, force_fp32)
+
+
+def test_indices_per_noise_runs_k_points_of_each_trajectory(tmp_path):
+    """grid.indices_per_noise 3: each step's teacher pass has 3 x batch rows, each noise (and its
+    label) three times in a row at independently drawn grid points."""
+    net_cfg = network_config("tiny-adm", **{k: v for k, v in COND_NET.items() if k != "name"})
+    torch.manual_seed(0)
+    teacher = LabelRecorder(build_network(net_cfg), label_dim=3)
+    cfg = tiny_config(**{"teacher.network": COND_NET, "student.network": COND_NET, "batch_size": 8,
+                         "total_steps": 2, "grid.indices_per_noise": 3})
+    train(cfg, tmp_path, teacher=teacher)
+    assert [tuple(lab.shape) for lab in teacher.labels] == [(24, 3), (24, 3)]
+    for labels, levels in zip(teacher.labels, teacher.noise_levels):
+        groups = labels.reshape(8, 3, 3)
+        assert torch.equal(groups, groups[:, :1].expand_as(groups))  # one label per noise, repeated
+        assert levels.numel() == 24 and len(torch.unique(levels.reshape(8, 3)[:, 0])) > 1
+        assert any(len(torch.unique(g)) > 1 for g in levels.reshape(8, 3))  # points differ along a trajectory
+    logs = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert all(math.isfinite(r["loss"]) for r in logs if "loss" in r)
 
 
 def test_class_conditional_uniform_labels(tmp_path):
