@@ -97,6 +97,9 @@ def train_features(out, epochs, seed, threads, overwrite, no_progress) -> None:
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="RAdam learning rate.")
 @click.option("--N", "N", type=click.IntRange(min=2), default=None, help="PID grid size (default 250).")
 @click.option("--norm", type=click.Choice(["huber", "l2", "l1"]), default=None, help="Loss norm (default huber).")
+@click.option("--indices-per-noise", type=click.IntRange(min=1), default=None,
+              help=f"Grid points on each noise's trajectory per step (default {DEMO_DEFAULTS['indices_per_noise']}; "
+                   f"the networks then run on that many x batch-size rows).")
 @click.option("--max-minutes", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Wall-clock budget of the distillation (default 7); it stops at the first chunk past it.")
 @click.option("--no-time-limit", is_flag=True, help="Run all --steps whatever the time.")
@@ -123,7 +126,7 @@ def train_features(out, epochs, seed, threads, overwrite, no_progress) -> None:
                    "teacher with classifier-free guidance at w = 1 and at w = W, and compare each student with its "
                    "guided teacher (FD to its samples, RMSE, FD to data, class accuracy).")
 @click.option("--no-progress", is_flag=True)
-def demo(out_dir, steps, batch_size, lr, N, norm, max_minutes, no_time_limit, num_samples, weights, teacher_share,
+def demo(out_dir, steps, batch_size, lr, N, norm, indices_per_noise, max_minutes, no_time_limit, num_samples, weights, teacher_share,
          teacher_path,
          features_path, analytic, resume, overwrite, threads, seed, guidance, no_progress) -> None:
     """Distil the bundled digits teacher into a one-step student on the CPU, offline, and
@@ -145,7 +148,8 @@ def demo(out_dir, steps, batch_size, lr, N, norm, max_minutes, no_time_limit, nu
         return
     from pid_fast.demo.run import run_demo
 
-    kwargs = {"steps": steps, "batch_size": batch_size, "lr": lr, "N": N, "norm": norm, "num_samples": num_samples,
+    kwargs = {"steps": steps, "batch_size": batch_size, "lr": lr, "N": N, "indices_per_noise": indices_per_noise,
+              "norm": norm, "num_samples": num_samples,
               "weights": weights, "teacher_share": teacher_share, "max_minutes": max_minutes}
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     if norm is not None and norm != "huber":

@@ -86,7 +86,8 @@ class DigitsScorer:
 
 def run_demo(out_dir: str | os.PathLike = "pid-demo", *, steps: int = DEMO_DEFAULTS["steps"],
              batch_size: int = DEMO_DEFAULTS["batch_size"], lr: float = DEMO_DEFAULTS["lr"],
-             N: int = DEMO_DEFAULTS["N"], norm: str = DEMO_DEFAULTS["norm"],
+             N: int = DEMO_DEFAULTS["N"], indices_per_noise: int = DEMO_DEFAULTS["indices_per_noise"],
+             norm: str = DEMO_DEFAULTS["norm"],
              huber_c: Optional[float] = DEMO_DEFAULTS["huber_c"], ema_rates=tuple(DEMO_DEFAULTS["ema_rates"]),
              weights: str = DEMO_DEFAULTS["weights"], teacher_share: float = DEMO_DEFAULTS["teacher_share"],
              chunk: int = DEMO_DEFAULTS["chunk"],
@@ -108,6 +109,7 @@ def run_demo(out_dir: str | os.PathLike = "pid-demo", *, steps: int = DEMO_DEFAU
                         ("num_samples", num_samples)):
         check_int(value, name)
     check_int(N, "N", 2)
+    check_int(indices_per_noise, "indices_per_noise")
     if num_samples < 2:
         raise ValueError(f"num_samples must be >= 2 (an FD needs a covariance), got {num_samples}")
     check_positive(max_minutes, "max_minutes", allow_none=True)
@@ -116,11 +118,12 @@ def run_demo(out_dir: str | os.PathLike = "pid-demo", *, steps: int = DEMO_DEFAU
         raise ValueError(f"teacher_share must be a number in [0, 1), got {teacher_share!r}")
     teacher_path = os.fspath(teacher_path or DEFAULT_TEACHER)
     config = demo_config(teacher_path, steps=steps, batch_size=batch_size, lr=lr, N=N, norm=norm, huber_c=huber_c,
-                         ema_rates=ema_rates, chunk=chunk, seed=seed, progress=progress)
+                         ema_rates=ema_rates, chunk=chunk, seed=seed, progress=progress,
+                         indices_per_noise=indices_per_noise)
     run = DemoRun(out_dir=os.fspath(out_dir), teacher_path=teacher_path,
                   features_path=os.fspath(features_path or DEFAULT_FEATURES),
                   config=resolve_config(config),  # bad options fail here, before any work
-                  steps=steps, batch_size=batch_size, N=N, norm=norm, lr=lr, ema_rates=tuple(ema_rates),
+                  steps=steps, batch_size=batch_size, N=N, indices_per_noise=indices_per_noise, norm=norm, lr=lr, ema_rates=tuple(ema_rates),
                   weights=weights, teacher_share=float(teacher_share), chunk=chunk, num_samples=num_samples,
                   max_minutes=max_minutes, seed=seed,
                   resume=resume, progress=progress, log=log)
@@ -242,7 +245,8 @@ def distill(run: DemoRun, scorer: DigitsScorer) -> Distillation:
     """PID distillation in chunks of ``run.chunk`` steps (the trainer's resume is exact, so
     chunking does not change the result), scoring each new checkpoint; stops at the first chunk
     that ends past ``run.max_minutes`` of distillation."""
-    run.log(f"PID distillation: {run.steps} steps of batch {run.batch_size}, N={run.N}, {run.norm} norm, RAdam "
+    points = f" x {run.indices_per_noise} grid points per noise" if run.indices_per_noise > 1 else ""
+    run.log(f"PID distillation: {run.steps} steps of batch {run.batch_size}{points}, N={run.N}, {run.norm} norm, RAdam "
             f"lr {run.lr}, budget {'none' if run.max_minutes is None else f'{run.max_minutes:g} min'} -> "
             f"{run.run_dir}")
     result = Distillation()
@@ -384,7 +388,9 @@ def format_table(summary: dict[str, Any]) -> str:
                      f"{student['rmse_to_heun']:.4f}")
     ratio = summary["ratio"]
     lines.append(f"student FD to data / teacher Heun FD to data = {ratio:.2f} (target <= {summary['target_ratio']:g})")
-    lines.append(f"distillation: {summary['steps']} steps x batch {summary['batch_size']} in "
+    points = summary["config"]["grid"].get("indices_per_noise", 1)
+    lines.append(f"distillation: {summary['steps']} steps x batch {summary['batch_size']}"
+                 + (f" x {points} grid points per noise" if points > 1 else "") + " in "
                  f"{summary['distill_seconds'] / 60:.1f} min"
                  + (" (stopped by the time budget)" if summary["stopped_early"] else "")
                  + f"; total wall time {summary['total_seconds'] / 60:.1f} min on {summary['threads']} thread(s)")

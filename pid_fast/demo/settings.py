@@ -34,6 +34,7 @@ DEMO_DEFAULTS: dict[str, Any] = {
     "power_sigma_rels": [],
     "teacher_share": TEACHER_SHARE,
     "N": 250,
+    "indices_per_noise": 1,
     "norm": "huber",
     "huber_c": 0.01,
     "ema_rates": [0.99, 0.995],
@@ -46,10 +47,12 @@ DEMO_DEFAULTS: dict[str, Any] = {
 
 def demo_config(teacher_path: str, *, steps: int, batch_size: int, lr: float, N: int, norm: str,
                 huber_c: Optional[float], ema_rates, chunk: int, seed: int = 0, progress: bool = True,
-                power_sigma_rels=None) -> dict:
+                power_sigma_rels=None, indices_per_noise: Optional[int] = None) -> dict:
     """The ``pid_fast.train`` config of the demo's distillation (optimizer, lr schedule and grid
-    as DEMO_DEFAULTS says; power EMAs: ``power_sigma_rels``, default DEMO_DEFAULTS')."""
+    as DEMO_DEFAULTS says; power EMAs: ``power_sigma_rels``, grid points per noise:
+    ``indices_per_noise``, defaults DEMO_DEFAULTS')."""
     sigma_rels = DEMO_DEFAULTS["power_sigma_rels"] if power_sigma_rels is None else power_sigma_rels
+    k = DEMO_DEFAULTS["indices_per_noise"] if indices_per_noise is None else indices_per_noise
     return {
         "seed": seed, "device": "cpu",
         "teacher": {"kind": "edm", "path": os.fspath(teacher_path)},
@@ -58,7 +61,7 @@ def demo_config(teacher_path: str, *, steps: int, batch_size: int, lr: float, N:
         "optimizer": {"name": DEMO_DEFAULTS["optimizer"], "lr": lr, "betas": list(DEMO_DEFAULTS["betas"])},
         "lr_schedule": {**DEMO_DEFAULTS["lr_schedule"], "decay_steps": steps},
         "clip_grad_norm": DEMO_DEFAULTS["clip_grad_norm"],
-        "grid": {"sampling": "uniform", "weighting": "uniform", "coarse_to_fine": []},
+        "grid": {"sampling": "uniform", "weighting": "uniform", "coarse_to_fine": [], "indices_per_noise": k},
         "ema_rates": list(ema_rates),
         "power_ema": {"sigma_rels": [float(s) for s in sigma_rels], "snapshot_every": chunk if sigma_rels else 0},
         "batch_size": batch_size,
@@ -82,6 +85,7 @@ class DemoRun:
     steps: int
     batch_size: int
     N: int
+    indices_per_noise: int
     norm: str
     lr: float
     ema_rates: tuple

@@ -110,6 +110,8 @@ def test_demo_bad_input(tmp_path, tiny_files):
         _demo(tmp_path / "d", tiny_files, max_minutes=-1)
     with pytest.raises(ValueError, match="N must be"):
         _demo(tmp_path / "e", tiny_files, N=1)
+    with pytest.raises(ValueError, match="indices_per_noise must be"):
+        _demo(tmp_path / "e", tiny_files, indices_per_noise=0)
     with pytest.raises(FileNotFoundError, match="train-teacher"):
         _demo(tmp_path / "f", tiny_files, teacher_path=str(tmp_path / "absent.safetensors"))
 
@@ -122,13 +124,15 @@ def test_cli_demo(tmp_path, tiny_files):
     teacher, features = tiny_files
     res = CliRunner().invoke(group, ["demo", "--out-dir", str(tmp_path / "d"), "--steps", "2", "--batch-size", "4",
                                      "--num-samples", "16", "--teacher", teacher, "--features", features,
-                                     "--no-analytic", "--no-progress", "--norm", "l2", "--N", "16", "--threads", "1"])
+                                     "--no-analytic", "--no-progress", "--norm", "l2", "--N", "16", "--threads", "1",
+                                     "--indices-per-noise", "2"])
     assert res.exit_code == 0, res.output
     assert "student's distance to the teacher: FD" in res.output and "student_vs_teacher.png" in res.output
     assert os.path.isfile(tmp_path / "d" / "loss.png")
     with open(tmp_path / "d" / "summary.json") as f:
         cfg = json.load(f)["config"]
     assert cfg["loss"]["norm"] == "l2" and cfg["loss"]["N"] == 16 and cfg["loss"]["huber_c"] is None
+    assert cfg["grid"]["indices_per_noise"] == 2 and "x 2 grid points per noise" in res.output
     res = CliRunner().invoke(group, ["demo", "--out-dir", str(tmp_path / "d"), "--steps", "2",
                                      "--teacher", teacher, "--features", features, "--no-analytic"])
     assert res.exit_code != 0 and "--resume" in res.output and "--overwrite" in res.output
