@@ -85,6 +85,24 @@ RECIPES = {
     "warmup-clip-16e-3": ("warmup-clip-4e-3 with lr 1.6e-2",
                           {"optimizer": dict(_DEMO_OPT, lr=1.6e-2, betas=[0.9, 0.99]), "ema_rates": [0.99, 0.995],
                            "lr_schedule": {"decay": "cosine", "warmup_steps": 40}, "clip_grad_norm": 1.0}),
+    "warmup-clip-8e-3-jvp": ("warmup-clip-8e-3 with the jvp derivative (one student evaluation and its forward-mode "
+                             "derivative instead of the second evaluation at t2)",
+                             {"optimizer": dict(_DEMO_OPT, lr=8e-3, betas=[0.9, 0.99]), "ema_rates": [0.99, 0.995],
+                              "lr_schedule": {"decay": "cosine", "warmup_steps": 40}, "clip_grad_norm": 1.0,
+                              "loss": {"derivative": "jvp"}}),
+    "warmup-clip-8e-3-k3": ("warmup-clip-8e-3 with 3 grid indices per noise (the student and the teacher run on "
+                            "3 x 64 rows: 64 noises, 3 points on each trajectory)",
+                            {"optimizer": dict(_DEMO_OPT, lr=8e-3, betas=[0.9, 0.99]), "ema_rates": [0.99, 0.995],
+                             "lr_schedule": {"decay": "cosine", "warmup_steps": 40}, "clip_grad_norm": 1.0,
+                             "grid": {"indices_per_noise": 3}}),
+    "warmup-clip-8e-3-l2": ("warmup-clip-8e-3 with the l2 norm instead of the demo's pseudo-Huber (c 0.01)",
+                            {"optimizer": dict(_DEMO_OPT, lr=8e-3, betas=[0.9, 0.99]), "ema_rates": [0.99, 0.995],
+                             "lr_schedule": {"decay": "cosine", "warmup_steps": 40}, "clip_grad_norm": 1.0,
+                             "loss": {"norm": "l2", "huber_c": None}}),
+    "warmup-clip-8e-3-k4": ("warmup-clip-8e-3 with 4 grid indices per noise (4 x 64 rows per pass)",
+                            {"optimizer": dict(_DEMO_OPT, lr=8e-3, betas=[0.9, 0.99]), "ema_rates": [0.99, 0.995],
+                             "lr_schedule": {"decay": "cosine", "warmup_steps": 40}, "clip_grad_norm": 1.0,
+                             "grid": {"indices_per_noise": 4}}),
     "cosine-b2-jvp": ("cosine-b2 with the jvp derivative (one student evaluation and its forward-mode derivative "
                       "instead of the second evaluation), EMAs 0.99/0.995",
                       {"optimizer": dict(_DEMO_OPT, betas=[0.9, 0.99]), "ema_rates": [0.99, 0.995],
@@ -223,7 +241,7 @@ def load_weights(path: str, weights: str):
 
 
 def run_digits(recipe: str, name: str, steps: int, weights_every: dict[str, tuple[int, int]], heldout: list[str],
-               sweep_steps: list[int], sweep_sigma_rels: list[float]) -> dict:
+               sweep_steps: list[int], sweep_sigma_rels: list[float], train_seed: int = 0) -> dict:
     """Train ``recipe`` for ``steps`` in WORK_DIR/``name`` (checkpoint every 100), then score its checkpoints on
     seed set SEED_START: {"fd"|"fd_teacher": {weights: {step: value}}} for each weights at the
     multiples of weights_every[weights][0] up to weights_every[weights][1]; the ``heldout``
@@ -233,7 +251,7 @@ def run_digits(recipe: str, name: str, steps: int, weights_every: dict[str, tupl
     from pid_fast.train.power_ema import reconstruct
 
     run_dir = os.path.join(WORK_DIR, name)
-    cfg = recipe_config(recipe, steps)
+    cfg = recipe_config(recipe, steps, seed=train_seed)
     have = dict(list_checkpoints(run_dir)) if os.path.isdir(run_dir) else {}
     cpu0 = time.process_time()
     if steps not in have:
@@ -318,20 +336,21 @@ def run_gm(name: str, steps: int, seeds=(0, 1), num: int = 4096, batch: int = 64
     for seed in seeds:
         torch.manual_seed(seed)
         student = MLPStudent(teacher.dim)
-        loss_fn = PIDLoss(teacher, N=cfg["loss"]["N"], norm="l2")
+        loss_fn = PIDLoss(teacher, N=cfg["loss"]["N"], norm="l2", derivative=cfg["loss"]["derivative"])
         opt = build_optimizer(student.parameters(), cfg["optimizer"], torch.device("cpu"))
         ema, power = EMA(student, cfg["ema_rates"]), PowerEMA(student, POWER_SIGMA_RELS)
         grid, sched = cfg["grid"], cfg["lr_schedule"]
         sampler = GridIndexSampler(cfg["loss"]["N"], grid["sampling"], grid["weighting"], decay=grid["stats_decay"],
                                    uniform_mix=grid["uniform_mix"])
         gen = torch.Generator().manual_seed(seed + 1)
+        k = grid["indices_per_noise"]
         for step in range(steps):
             n = grid_size_at(step, cfg["loss"]["N"], grid["coarse_to_fine"])
             loss_fn.N = n
             noise = torch.randn((batch, *teacher.sample_shape), generator=gen)
-            indices = sampler.draw_indices(gen, batch, n)
+            indices = sampler.draw_indices(gen, batch * k, n)  # k grid points per noise, as the trainer
             weights = sampler.weights_for(indices, n)
-            per_sample = loss_fn.per_sample(student, noise * 80.0, indices=indices)
+            per_sample = loss_fn.per_sample(student, noise.repeat_interleave(k, 0) * 80.0, indices=indices)
             sampler.observe(indices, per_sample, n)
             loss = (per_sample if weights is None else per_sample * weights).mean()
             for group in opt.param_groups:
@@ -339,6 +358,8 @@ def run_gm(name: str, steps: int, seeds=(0, 1), num: int = 4096, batch: int = 64
                                                                   sched["decay_steps"])
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if cfg["clip_grad_norm"]:
+                torch.nn.utils.clip_grad_norm_(student.parameters(), cfg["clip_grad_norm"])
             opt.step()
             ema.update(student)
             power.update(student, step + 1)
@@ -371,12 +392,20 @@ def _save(results: dict) -> None:
         json.dump(results, f, indent=2)
 
 
+def _named(command: str):
+    """The --name of a recorded command (None without one)."""
+    words = command.split()
+    return words[words.index("--name") + 1] if "--name" in words else None
+
+
 def _merge(update, command: str, replaces: str) -> None:
     """Apply ``update`` to the results file as it is now (runs may finish in parallel) and
     record ``command`` in place of the commands starting with ``replaces``."""
     results = _load()
     update(results)
-    results["commands"] = [c for c in results["commands"] if not c.startswith(replaces)] + [command]
+    name = _named(command)  # a run under --name replaces only the commands of that name
+    results["commands"] = [c for c in results["commands"]
+                           if not (c.startswith(replaces) and _named(c) == name)] + [command]
     _save(results)
 
 
@@ -406,6 +435,8 @@ def main() -> None:
     r.add_argument("--sweep-sigma-rels", type=float, nargs="*", default=SWEEP_SIGMA_RELS)
     r.add_argument("--skip-digits", action="store_true")
     r.add_argument("--name", default=None, help="the run's folder and results key (default: the recipe's name)")
+    r.add_argument("--train-seed", type=int, default=0,
+                   help="the digits run's config seed (its noises and grid indices; another seed: use --name)")
     h = sub.add_parser("heldout", help="score a trained run's weights on seed sets (after `run`)")
     h.add_argument("name", help="the run's name (its folder in WORK_DIR and results key)")
     h.add_argument("--steps", type=int, default=400)
@@ -453,14 +484,16 @@ def main() -> None:
     print(json.dumps({k: {s: round(v, 4) for s, v in c.items()} for k, c in row["gm"]["rmse"].items()}), flush=True)
     if not args.skip_digits:
         row["digits"] = run_digits(args.recipe, name, args.steps, _weights_every(names, args.steps), args.heldout,
-                                   args.sweep_steps, args.sweep_sigma_rels)
+                                   args.sweep_steps, args.sweep_sigma_rels, train_seed=args.train_seed)
     command = (f"OMP_NUM_THREADS=1 python benchmarks/convergence.py run {args.recipe} --steps {args.steps}"
                + (" --weights " + " ".join(args.weights) if args.weights else "")
                + (" --heldout " + " ".join(args.heldout) if args.heldout else "")
                + (" --sweep-steps " + " ".join(map(str, args.sweep_steps)) if args.sweep_steps else "")
                + (" --sweep-sigma-rels " + " ".join(map(str, args.sweep_sigma_rels))
                   if args.sweep_steps and args.sweep_sigma_rels != SWEEP_SIGMA_RELS else "")
-               + (" --skip-digits" if args.skip_digits else "") + (f" --name {name}" if args.name else ""))
+               + (" --skip-digits" if args.skip_digits else "")
+               + (f" --train-seed {args.train_seed}" if args.train_seed else "")
+               + (f" --name {name}" if args.name else ""))
     _merge(lambda results: results["recipes"].__setitem__(name, row), command,
            f"OMP_NUM_THREADS=1 python benchmarks/convergence.py run {args.recipe} --steps {args.steps}")
 
