@@ -5,6 +5,7 @@ copied in under the teacher's line."""
 
 from __future__ import annotations
 
+import itertools
 import os
 
 TARGET = 1.05  # the FD-to-data target of the earlier tables: within 1.05x the teacher's
@@ -171,12 +172,13 @@ def plot(results: dict, path: str) -> str:
     import matplotlib.pyplot as plt
 
     fig, (ax_fd, ax_gm) = plt.subplots(1, 2, figsize=(14, 5.5))
-    colors = iter(plt.get_cmap("tab20").colors * 3)
+    colors = itertools.cycle(plt.get_cmap("tab20").colors)
     for name, row in results["recipes"].items():
         digits = row.get("digits", {}).get("fd_teacher", {})
         for weights in list(digits) or ["model"]:  # the weights of the table's rows
-            style = dict(color=next(colors), marker="o", ms=3, label=f"{name} {weights}",
-                         lw=2.5 if (name, weights) in HIGHLIGHT else 1)
+            shown = (name, weights) in HIGHLIGHT  # the demo recipes, labelled; the others thin (convergence.md)
+            style = dict(color=next(colors), marker="o", ms=3 if shown else 2, lw=2.5 if shown else 0.8,
+                         alpha=1.0 if shown else 0.4, label=f"{name} {weights}" if shown else "_nolegend_")
             for ax, curve in ((ax_fd, digits.get(weights)), (ax_gm, row["gm"]["rmse"].get(weights))):
                 if curve:
                     steps = sorted(map(int, curve))
@@ -189,7 +191,7 @@ def plot(results: dict, path: str) -> str:
               title="Gaussian-mixture teacher: one-step endpoint error")
     for ax in (ax_fd, ax_gm):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6, ncol=2)
+        ax.legend(fontsize=7, title="demo recipes (thin: the other rows of convergence.md)", title_fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
