@@ -103,6 +103,10 @@ RECIPES = {
                             {"optimizer": dict(_DEMO_OPT, lr=8e-3, betas=[0.9, 0.99]), "ema_rates": [0.99, 0.995],
                              "lr_schedule": {"decay": "cosine", "warmup_steps": 40}, "clip_grad_norm": 1.0,
                              "grid": {"indices_per_noise": 4}}),
+    "warmup-clip-12e-3-k3": ("warmup-clip-8e-3-k3 with lr 1.2e-2 (3 points per noise: less gradient noise per step)",
+                             {"optimizer": dict(_DEMO_OPT, lr=1.2e-2, betas=[0.9, 0.99]), "ema_rates": [0.99, 0.995],
+                              "lr_schedule": {"decay": "cosine", "warmup_steps": 40}, "clip_grad_norm": 1.0,
+                              "grid": {"indices_per_noise": 3}}),
     "cosine-b2-jvp": ("cosine-b2 with the jvp derivative (one student evaluation and its forward-mode derivative "
                       "instead of the second evaluation), EMAs 0.99/0.995",
                       {"optimizer": dict(_DEMO_OPT, betas=[0.9, 0.99]), "ema_rates": [0.99, 0.995],
