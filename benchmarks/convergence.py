@@ -49,6 +49,14 @@ SEED_SETS = (10000, 20000, 30000)  # disjoint: seeds 10000..19999, 20000..29999,
 POWER_SIGMA_RELS = [0.05, 0.10]  # tracked in every run (passive: the training trajectory is unchanged)
 SWEEP_SIGMA_RELS = [0.02, 0.035, 0.05, 0.07, 0.10, 0.15, 0.20]  # post hoc (0.05, 0.10: the tracked ones)
 
+
+def _warmup_clip(lr: float, **extra) -> dict:
+    """The warm-up + clipping recipes' overrides: RAdam (0.9, 0.99) at ``lr``, a 40-step warm-up, a
+    cosine decay, gradients clipped at norm 1, EMAs 0.99/0.995, and ``extra`` config sections."""
+    return {"optimizer": dict(_DEMO_OPT, lr=lr, betas=[0.9, 0.99]), "ema_rates": [0.99, 0.995],
+            "lr_schedule": {"decay": "cosine", "warmup_steps": 40}, "clip_grad_norm": 1.0, **extra}
+
+
 # Trainer-config overrides over the demo recipe (pid_fast.demo.settings): name -> (what, overrides)
 _DEMO_OPT = {"name": "radam", "lr": 2e-3, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0}
 RECIPES = {
@@ -76,37 +84,21 @@ RECIPES = {
                        {"optimizer": dict(_DEMO_OPT, lr=4e-3, betas=[0.9, 0.99]), "ema_rates": [0.995, 0.998],
                         "lr_schedule": {"decay": "cosine"}}),
     "warmup-clip-4e-3": ("cosine-b2 with lr 4e-3, a 40-step linear warm-up and gradient clipping at norm 1 (the "
-                         "first steps' norms are ~3), EMAs 0.99/0.995",
-                         {"optimizer": dict(_DEMO_OPT, lr=4e-3, betas=[0.9, 0.99]), "ema_rates": [0.99, 0.995],
-                          "lr_schedule": {"decay": "cosine", "warmup_steps": 40}, "clip_grad_norm": 1.0}),
-    "warmup-clip-8e-3": ("warmup-clip-4e-3 with lr 8e-3",
-                         {"optimizer": dict(_DEMO_OPT, lr=8e-3, betas=[0.9, 0.99]), "ema_rates": [0.99, 0.995],
-                          "lr_schedule": {"decay": "cosine", "warmup_steps": 40}, "clip_grad_norm": 1.0}),
-    "warmup-clip-16e-3": ("warmup-clip-4e-3 with lr 1.6e-2",
-                          {"optimizer": dict(_DEMO_OPT, lr=1.6e-2, betas=[0.9, 0.99]), "ema_rates": [0.99, 0.995],
-                           "lr_schedule": {"decay": "cosine", "warmup_steps": 40}, "clip_grad_norm": 1.0}),
+                         "first steps' norms are ~3), EMAs 0.99/0.995", _warmup_clip(4e-3)),
+    "warmup-clip-8e-3": ("warmup-clip-4e-3 with lr 8e-3", _warmup_clip(8e-3)),
+    "warmup-clip-16e-3": ("warmup-clip-4e-3 with lr 1.6e-2", _warmup_clip(1.6e-2)),
     "warmup-clip-8e-3-jvp": ("warmup-clip-8e-3 with the jvp derivative (one student evaluation and its forward-mode "
                              "derivative instead of the second evaluation at t2)",
-                             {"optimizer": dict(_DEMO_OPT, lr=8e-3, betas=[0.9, 0.99]), "ema_rates": [0.99, 0.995],
-                              "lr_schedule": {"decay": "cosine", "warmup_steps": 40}, "clip_grad_norm": 1.0,
-                              "loss": {"derivative": "jvp"}}),
+                             _warmup_clip(8e-3, loss={"derivative": "jvp"})),
     "warmup-clip-8e-3-k3": ("warmup-clip-8e-3 with 3 grid indices per noise (the student and the teacher run on "
                             "3 x 64 rows: 64 noises, 3 points on each trajectory)",
-                            {"optimizer": dict(_DEMO_OPT, lr=8e-3, betas=[0.9, 0.99]), "ema_rates": [0.99, 0.995],
-                             "lr_schedule": {"decay": "cosine", "warmup_steps": 40}, "clip_grad_norm": 1.0,
-                             "grid": {"indices_per_noise": 3}}),
+                            _warmup_clip(8e-3, grid={"indices_per_noise": 3})),
     "warmup-clip-8e-3-l2": ("warmup-clip-8e-3 with the l2 norm instead of the demo's pseudo-Huber (c 0.01)",
-                            {"optimizer": dict(_DEMO_OPT, lr=8e-3, betas=[0.9, 0.99]), "ema_rates": [0.99, 0.995],
-                             "lr_schedule": {"decay": "cosine", "warmup_steps": 40}, "clip_grad_norm": 1.0,
-                             "loss": {"norm": "l2", "huber_c": None}}),
+                            _warmup_clip(8e-3, loss={"norm": "l2", "huber_c": None})),
     "warmup-clip-8e-3-k4": ("warmup-clip-8e-3 with 4 grid indices per noise (4 x 64 rows per pass)",
-                            {"optimizer": dict(_DEMO_OPT, lr=8e-3, betas=[0.9, 0.99]), "ema_rates": [0.99, 0.995],
-                             "lr_schedule": {"decay": "cosine", "warmup_steps": 40}, "clip_grad_norm": 1.0,
-                             "grid": {"indices_per_noise": 4}}),
+                            _warmup_clip(8e-3, grid={"indices_per_noise": 4})),
     "warmup-clip-12e-3-k3": ("warmup-clip-8e-3-k3 with lr 1.2e-2 (3 points per noise: less gradient noise per step)",
-                             {"optimizer": dict(_DEMO_OPT, lr=1.2e-2, betas=[0.9, 0.99]), "ema_rates": [0.99, 0.995],
-                              "lr_schedule": {"decay": "cosine", "warmup_steps": 40}, "clip_grad_norm": 1.0,
-                              "grid": {"indices_per_noise": 3}}),
+                             _warmup_clip(1.2e-2, grid={"indices_per_noise": 3})),
     "cosine-b2-jvp": ("cosine-b2 with the jvp derivative (one student evaluation and its forward-mode derivative "
                       "instead of the second evaluation), EMAs 0.99/0.995",
                       {"optimizer": dict(_DEMO_OPT, betas=[0.9, 0.99]), "ema_rates": [0.99, 0.995],
