@@ -99,6 +99,16 @@ RECIPES = {
                             _warmup_clip(8e-3, grid={"indices_per_noise": 4})),
     "warmup-clip-12e-3-k3": ("warmup-clip-8e-3-k3 with lr 1.2e-2 (3 points per noise: less gradient noise per step)",
                              _warmup_clip(1.2e-2, grid={"indices_per_noise": 3})),
+    "warmup-clip-8e-3-endpoint": ("warmup-clip-8e-3 weighting each grid index by its share of the one-step sample's "
+                                  "error, (|t_i - t_i2| / t_i)^1 (grid.weighting 'endpoint'; ~4.6x at sigma_min "
+                                  "against T)", _warmup_clip(8e-3, grid={"weighting": "endpoint"})),
+    "warmup-clip-8e-3-endpoint2": ("warmup-clip-8e-3-endpoint with power 2 (~21x at sigma_min against T)",
+                                   _warmup_clip(8e-3, grid={"weighting": "endpoint", "weighting_power": 2.0})),
+    "warmup-clip-8e-3-time3": ("warmup-clip-8e-3 with the time path at 3x the lr (optimizer.lr_scale: the noise "
+                               "embedding map_* and every block's affine emb -> scale/shift layer, 15k of the 292k "
+                               "parameters; the student reads t as a trajectory time, not the teacher's noise level)",
+                               _warmup_clip(8e-3, optimizer=dict(_DEMO_OPT, lr=8e-3, betas=[0.9, 0.99],
+                                                                 lr_scale={"map_*": 3.0, "*.affine.*": 3.0}))),
     "cosine-b2-jvp": ("cosine-b2 with the jvp derivative (one student evaluation and its forward-mode derivative "
                       "instead of the second evaluation), EMAs 0.99/0.995",
                       {"optimizer": dict(_DEMO_OPT, betas=[0.9, 0.99]), "ema_rates": [0.99, 0.995],
@@ -333,11 +343,13 @@ def run_gm(name: str, steps: int, seeds=(0, 1), num: int = 4096, batch: int = 64
         torch.manual_seed(seed)
         student = MLPStudent(teacher.dim)
         loss_fn = PIDLoss(teacher, N=cfg["loss"]["N"], norm="l2", derivative=cfg["loss"]["derivative"])
+        # (the MLP's parameters: optimizer.lr_scale's U-Net name patterns do not apply here)
         opt = build_optimizer(student.parameters(), cfg["optimizer"], torch.device("cpu"))
         ema, power = EMA(student, cfg["ema_rates"]), PowerEMA(student, POWER_SIGMA_RELS)
         grid, sched = cfg["grid"], cfg["lr_schedule"]
         sampler = GridIndexSampler(cfg["loss"]["N"], grid["sampling"], grid["weighting"], decay=grid["stats_decay"],
-                                   uniform_mix=grid["uniform_mix"])
+                                   uniform_mix=grid["uniform_mix"], power=grid["weighting_power"],
+                                   times=(loss_fn.sigma_min, loss_fn.sigma_max, loss_fn.rho))
         gen = torch.Generator().manual_seed(seed + 1)
         k = grid["indices_per_noise"]
         for step in range(steps):

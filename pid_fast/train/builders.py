@@ -4,6 +4,8 @@ checkpoint so that a student samples without its teacher)."""
 
 from __future__ import annotations
 
+import fnmatch
+
 import math
 import warnings
 from typing import Any, Callable, Mapping, Optional
@@ -319,8 +321,31 @@ def build_loss(lcfg: dict, teacher: Preconditioning, device: torch.device,
                    derivative=lcfg["derivative"], allow_stochastic_student=lcfg["allow_stochastic_student"])
 
 
+def lr_scale_groups(named_parameters, lr_scale: Mapping[str, float], lr: float) -> list[dict]:
+    """The optimizer's parameter groups for config['optimizer.lr_scale']: one group per factor
+    (fnmatch patterns on the parameter names, the first match wins, unmatched parameters keep
+    factor 1), each with ``lr_scale`` and ``lr`` = factor x lr. A pattern that matches no
+    parameter raises (a misspelt name would otherwise train silently at the base lr)."""
+    groups: dict[float, list] = {}
+    used, names = set(), []
+    for name, param in named_parameters:
+        names.append(name)
+        pattern = next((p for p in lr_scale if fnmatch.fnmatchcase(name, p)), None)
+        used.add(pattern)
+        groups.setdefault(1.0 if pattern is None else float(lr_scale[pattern]), []).append(param)
+    unused = [p for p in lr_scale if p not in used]
+    if unused:
+        raise ValueError(f"config['optimizer.lr_scale']: no student parameter matches {unused} "
+                         f"(the student's parameters are named like {names[:3]})")
+    return [{"params": params, "lr_scale": scale, "lr": lr * scale} for scale, params in groups.items()]
+
+
 def build_optimizer(params, ocfg: Mapping[str, Any], device: torch.device) -> torch.optim.Optimizer:
-    """RAdam or Adam as in config['optimizer']."""
+    """RAdam or Adam as in config['optimizer']; ``params`` an iterable of parameters, or of
+    (name, parameter) pairs (then optimizer.lr_scale's groups apply)."""
+    params = list(params)
+    if params and isinstance(params[0], tuple):
+        params = lr_scale_groups(params, ocfg.get("lr_scale") or {}, ocfg["lr"])
     kwargs = dict(lr=ocfg["lr"], betas=tuple(ocfg["betas"]), eps=ocfg["eps"], weight_decay=ocfg["weight_decay"])
     if ocfg["name"] == "radam":  # (no fused RAdam; torch picks the foreach version on CUDA)
         return torch.optim.RAdam(params, **kwargs)

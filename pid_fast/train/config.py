@@ -55,7 +55,11 @@ DEFAULT_CONFIG: dict[str, Any] = {
              # auto: bf16 autocast when the student runs in bf16, else the teacher's own dtype;
              # null: the teacher's own dtype; fp32 | bf16 (see PIDLoss)
              "teacher_precision": "auto"},
-    "optimizer": {"name": "radam", "lr": 2e-4, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0},
+    # lr_scale: per-parameter-group learning rates, {"name pattern": factor} (fnmatch on the student's
+    # parameter names, e.g. {"map_*": 3.0}; the first matching pattern wins, the rest keep 1; a
+    # pattern that matches no parameter is an error): the group's lr is factor x the schedule's
+    "optimizer": {"name": "radam", "lr": 2e-4, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0,
+                  "lr_scale": {}},
     # the learning rate over training (pid_fast.train.schedules): optimizer.lr after a linear warm-up
     # over warmup_steps, then "constant" (the reference), "inv_sqrt" (EDM2: / sqrt(max(step / decay_steps, 1)))
     # or "cosine" (to 0 at decay_steps); it may change on resume (the lr is a function of the step only)
@@ -68,11 +72,12 @@ DEFAULT_CONFIG: dict[str, Any] = {
     # the grid indices of each step (pid_fast.train.schedules): sampling "uniform" (the reference)
     # | "importance" (by each index's running mean loss, mixed with uniform_mix of the uniform draw,
     # reweighted: the expected loss is unchanged); weighting "uniform" | "adaptive" (each index's loss
-    # over its running mean); coarse_to_fine: [[until_step, N'], ...], nested coarser grids first;
+    # over its running mean) | "endpoint" (fixed: (|t_i - t_i2| / t_i)^weighting_power, each index's share of
+    # the one-step sample's error, pid_fast.train.schedules); coarse_to_fine: [[until_step, N'], ...], nested coarser grids first;
     # indices_per_noise k: k grid points on each noise's trajectory per step (the student and the
     # teacher then run on k x batch_size rows; 1: the reference's one point per noise)
-    "grid": {"sampling": "uniform", "weighting": "uniform", "stats_decay": 0.99, "uniform_mix": 0.5,
-             "coarse_to_fine": [], "indices_per_noise": 1},
+    "grid": {"sampling": "uniform", "weighting": "uniform", "weighting_power": 1.0, "stats_decay": 0.99,
+             "uniform_mix": 0.5, "coarse_to_fine": [], "indices_per_noise": 1},
     "batch_size": 512,               # global batch (all ranks and accumulation rounds)
     "accum": 1,                      # gradient accumulation rounds per step
     # the student's pass (pid_fast.models.precision): fp32 | tf32 | bf16 | fp16 | bf16-mixed |
@@ -183,7 +188,7 @@ def _merge(defaults: Mapping, user: Mapping, where: str) -> dict:
             raise ValueError(f"config: unknown key {where + key!r}; known keys: {sorted(defaults)}")
         if key == "teacher":
             out[key] = copy.deepcopy(value)  # replaced whole: its keys depend on its kind
-        elif isinstance(defaults[key], dict) and isinstance(value, Mapping):
+        elif isinstance(defaults[key], dict) and defaults[key] and isinstance(value, Mapping):  # ({}: free-form)
             out[key] = _merge(defaults[key], value, f"{where}{key}.")
         else:
             out[key] = copy.deepcopy(value)
@@ -284,6 +289,10 @@ def _check_optimizer(opt: Mapping[str, Any]) -> None:
     betas = opt["betas"]
     _need(isinstance(betas, (list, tuple)) and len(betas) == 2 and all(is_number(b) and 0 <= b < 1 for b in betas),
           "optimizer.betas", "two numbers in [0, 1)", betas)
+    scales = opt["lr_scale"]
+    _need(isinstance(scales, dict) and all(isinstance(k, str) and k and is_number(v) and v > 0
+                                           for k, v in scales.items()),
+          "optimizer.lr_scale", "a dict of parameter-name patterns to positive numbers", scales)
 
 
 def _check_schedules_and_power_ema(cfg: Mapping[str, Any]) -> None:
@@ -299,6 +308,8 @@ def _check_schedules_and_power_ema(cfg: Mapping[str, Any]) -> None:
     grid = cfg["grid"]
     check_choice(grid["sampling"], _name("grid.sampling"), GRID_SAMPLINGS)
     check_choice(grid["weighting"], _name("grid.weighting"), GRID_WEIGHTINGS)
+    _need(is_number(grid["weighting_power"]) and 0 < grid["weighting_power"] <= 4, "grid.weighting_power",
+          "a number in (0, 4]", grid["weighting_power"])
     _need(is_number(grid["stats_decay"]) and 0 <= grid["stats_decay"] < 1, "grid.stats_decay", "a number in [0, 1)",
           grid["stats_decay"])
     _need(is_number(grid["uniform_mix"]) and 0 < grid["uniform_mix"] <= 1, "grid.uniform_mix", "a number in (0, 1]",
@@ -450,6 +461,8 @@ def _with_keys_added_since(stored: Mapping[str, Any]) -> dict:
     if isinstance(loss, dict):
         loss.setdefault("derivative", "fd")
         loss.setdefault("allow_stochastic_student", False)
+    if isinstance(stored.get("optimizer"), dict):
+        stored["optimizer"].setdefault("lr_scale", {})
     stored.setdefault("lr_schedule", {"warmup_steps": 0, "decay": "constant", "decay_steps": 1000})
     stored.setdefault("power_ema", {"sigma_rels": [], "snapshot_every": 0})
     stored.setdefault("parallel", "ddp")
@@ -458,4 +471,5 @@ def _with_keys_added_since(stored: Mapping[str, Any]) -> dict:
                                "uniform_mix": 0.5, "coarse_to_fine": []})
     if isinstance(stored["grid"], dict):
         stored["grid"].setdefault("indices_per_noise", 1)
+        stored["grid"].setdefault("weighting_power", 1.0)
     return stored

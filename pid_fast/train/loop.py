@@ -285,10 +285,12 @@ class _Run:
         self.sharded = cfg["parallel"] == "fsdp"
         if self.sharded:
             self._shard(teacher_net)
-        self.optimizer = build_optimizer(net.parameters(), cfg["optimizer"], device)  # (after sharding: DTensors)
+        self.optimizer = build_optimizer(net.named_parameters(), cfg["optimizer"], device)  # (after sharding: DTensors)
         grid = cfg["grid"]
         self.grid_sampler = GridIndexSampler(cfg["loss"]["N"], grid["sampling"], grid["weighting"],
-                                             decay=grid["stats_decay"], uniform_mix=grid["uniform_mix"], device=device)
+                                             decay=grid["stats_decay"], uniform_mix=grid["uniform_mix"], device=device,
+                                             times=(self.loss_fn.sigma_min, self.loss_fn.sigma_max, self.loss_fn.rho),
+                                             power=grid["weighting_power"])
         self.student_meta = student_metadata(net_cfg, teacher, cfg["loss"], self.loss_fn.sigma_data)
         if self.text is not None:
             self.student_meta["text"] = self.text.metadata()
@@ -412,8 +414,8 @@ class _Run:
         schedule = self.cfg["lr_schedule"]
         lr = self.cfg["optimizer"]["lr"] * lr_factor(step, schedule["warmup_steps"], schedule["decay"],
                                                      schedule["decay_steps"])
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        for group in self.optimizer.param_groups:  # (optimizer.lr_scale: per-group factors)
+            group["lr"] = lr * group.get("lr_scale", 1.0)
 
     def _rows(self, round_index: int) -> slice:
         """This rank's rows of the global batch in accumulation round ``round_index``: the batch is

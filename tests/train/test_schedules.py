@@ -1,4 +1,4 @@
-"""The learning-rate schedule, the grid-index sampler (uniform, importance, adaptive weighting)
+"""The learning-rate schedule, the grid-index sampler (uniform, importance, adaptive and endpoint weighting)
 and the coarse-to-fine grid schedule, alone and inside the trainer (exact resume, logged lr)."""
 
 import json
@@ -73,6 +73,38 @@ def test_adaptive_weighting_equalises_the_indices():
     torch.testing.assert_close(w * means, torch.full((5,), float(means.mean()), dtype=torch.float64))
 
 
+@pytest.mark.parametrize("power", [1.0, 2.0])
+def test_endpoint_weighting_is_each_index_share_of_the_end_point(power):
+    """w_i = (|t_i - t_i2| / t_i)^power over its grid mean, i2 the spec's neighbour (N - 2 for the
+    last index), on the grid in use (a coarse level's own spacing); fixed, so nothing is observed."""
+    times = (0.002, 80.0, 7.0)
+    for n in (250, 84):
+        sampler = GridIndexSampler(250, "uniform", "endpoint", times=times, power=power)
+        i = torch.arange(n)
+        t, t_next = grid_times(i, n, *times, dtype=torch.float64), grid_times(i + 1, n, *times, dtype=torch.float64)
+        share = (t - t_next) / t
+        share[-1] = (grid_times(torch.tensor(n - 2), n, *times, dtype=torch.float64) - t[-1]) / t[-1]
+        expected = share ** power / (share ** power).mean()
+        picked = torch.tensor([[0, n - 1], [n // 2, n - 2]])
+        w = sampler.weights_for(picked, n)
+        assert w.dtype == torch.float32 and w.shape == (2, 2)
+        torch.testing.assert_close(w.double(), expected[picked], rtol=1e-6, atol=0)
+        assert float(w[0, 1] / w[0, 0]) > 4 ** power  # sigma_min's index weighs more than T's
+        assert not sampler.uses_losses
+    # with importance sampling the two factors multiply
+    both = GridIndexSampler(5, "importance", "endpoint", times=times, power=power)
+    both.observe(torch.tensor([0, 1, 2, 3]), torch.tensor([1.0, 2.0, 4.0, 8.0]))
+    only = GridIndexSampler(5, "importance", times=times)
+    only.observe(torch.tensor([0, 1, 2, 3]), torch.tensor([1.0, 2.0, 4.0, 8.0]))
+    idx = torch.arange(5)
+    torch.testing.assert_close(both.weights_for(idx).double(),
+                               only.weights_for(idx).double() * both.endpoint_weights(5), rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="times"):
+        GridIndexSampler(5, "uniform", "endpoint")
+    with pytest.raises(ValueError, match="weighting"):
+        GridIndexSampler(5, "uniform", "snr", times=times)
+
+
 def test_coarse_level_reads_and_feeds_the_fine_statistics():
     sampler = GridIndexSampler(250, "importance", decay=0.0)
     sampler.observe(torch.tensor([0, 1, 83]), torch.tensor([1.0, 5.0, 2.0]), n=84)  # coarse indices
@@ -118,6 +150,63 @@ def test_trainer_schedules_resume_exactly(tmp_path, indices_per_noise):
     assert [r["loss"] for r in split_logs if "loss" in r] == [r["loss"] for r in logs if "loss" in r]
 
 
+def test_trainer_endpoint_weighting_uses_the_loss_grid(tmp_path, monkeypatch):
+    """grid.weighting 'endpoint' in the trainer: each step's weights are the endpoint weights of
+    the loss's own grid (the teacher's sigma range, rho, N) at the drawn indices; a resumed run
+    equals the uninterrupted one."""
+    seen = []
+    original = GridIndexSampler.weights_for
+
+    def recording(self, indices, n=None):
+        weights = original(self, indices, n)
+        seen.append((self.times, self.power, indices.clone(), weights))
+        return weights
+
+    monkeypatch.setattr(GridIndexSampler, "weights_for", recording)
+    cfg = _config(**{"grid": {"weighting": "endpoint", "weighting_power": 2.0}, "loss": {"N": 40}})
+    train(cfg, tmp_path / "full")
+    assert len(seen) == 8
+    expected = GridIndexSampler(40, "uniform", "endpoint", times=(0.002, 80.0, 7.0), power=2.0).endpoint_weights()
+    for times, power, indices, weights in seen:
+        assert times == pytest.approx((0.002, 80.0, 7.0)) and power == 2.0
+        torch.testing.assert_close(weights.double(), expected[indices], rtol=1e-6, atol=0)
+    train(apply_overrides(cfg, {"total_steps": 4}), tmp_path / "split")
+    train(cfg, tmp_path / "split", resume=True)
+    a = torch.load(dict(list_checkpoints(tmp_path / "full"))[8], weights_only=True)["model"]
+    b = torch.load(dict(list_checkpoints(tmp_path / "split"))[8], weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_lr_scale_groups_follow_the_patterns(tmp_path):
+    """optimizer.lr_scale: the first matching pattern's factor times the scheduled lr, every
+    other parameter at the base lr; the groups are in the checkpoint (resume keeps them)."""
+    from pid_fast.train.builders import lr_scale_groups
+
+    net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))
+    groups = lr_scale_groups(net.named_parameters(), {"0.*": 3.0, "*.bias": 0.5}, 1e-3)
+    by_scale = {g["lr_scale"]: g for g in groups}
+    assert set(by_scale) == {3.0, 0.5, 1.0} and by_scale[1.0]["params"] == [net[1].weight]
+    assert [p is q for p, q in zip(by_scale[3.0]["params"], net[0].parameters())] == [True, True]
+    assert by_scale[0.5]["params"] == [net[1].bias] and by_scale[0.5]["lr"] == pytest.approx(5e-4)
+    with pytest.raises(ValueError, match=r"optimizer\.lr_scale.*'map_\*'"):
+        lr_scale_groups(net.named_parameters(), {"map_*": 2.0}, 1e-3)
+
+    cfg = _config(**{"optimizer.lr_scale": {"map_*": 3.0}, "lr_schedule": {"warmup_steps": 4},
+                     "total_steps": 2, "checkpoint_every": 2})
+    train(cfg, tmp_path / "run")
+    state = torch.load(dict(list_checkpoints(tmp_path / "run"))[2], weights_only=True)
+    lrs = sorted((g["lr_scale"], g["lr"], len(g["params"])) for g in state["optimizer"]["param_groups"])
+    names = [n for n in state["model"] if n.startswith("map_")]  # the state dict holds parameters only
+    assert [s for s, _, _ in lrs] == [1.0, 3.0] and lrs[1][2] == len(names) > 0
+    # the second step (0-based 1) ran at 2/4 of the lr, the map_* group at 3x that
+    assert lrs[0][1] == pytest.approx(0.5e-3) and lrs[1][1] == pytest.approx(1.5e-3)
+    plain = _config(total_steps=2, checkpoint_every=2, lr_schedule={"warmup_steps": 4})
+    train(plain, tmp_path / "plain")
+    a = torch.load(dict(list_checkpoints(tmp_path / "plain"))[2], weights_only=True)["model"]
+    b = state["model"]
+    assert any(not torch.equal(a[n], b[n]) for n in names)  # the scaled group moved differently
+
+
 def test_uniform_default_is_the_reference_run(tmp_path):
     """The grid/lr keys at their reference values train exactly as without them."""
     base = _config(total_steps=2, checkpoint_every=2)
@@ -134,6 +223,9 @@ def test_uniform_default_is_the_reference_run(tmp_path):
                                       ({"lr_schedule": {"warmup_steps": -1}}, "lr_schedule.warmup_steps"),
                                       ({"grid": {"sampling": "sorted"}}, "grid.sampling"),
                                       ({"grid": {"weighting": "snr"}}, "grid.weighting"),
+                                      ({"grid": {"weighting_power": 0}}, "grid.weighting_power"),
+                                      ({"optimizer": {"lr_scale": {"map_*": 0}}}, "optimizer.lr_scale"),
+                                      ({"optimizer": {"lr_scale": ["map_*"]}}, "optimizer.lr_scale"),
                                       ({"grid": {"uniform_mix": 0}}, "grid.uniform_mix"),
                                       ({"grid": {"indices_per_noise": 0}}, "grid.indices_per_noise"),
                                       ({"grid": {"coarse_to_fine": [[10, 50]]}}, "grid.coarse_to_fine")])
