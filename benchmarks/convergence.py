@@ -100,10 +100,19 @@ RECIPES = {
     "warmup-clip-12e-3-k3": ("warmup-clip-8e-3-k3 with lr 1.2e-2 (3 points per noise: less gradient noise per step)",
                              _warmup_clip(1.2e-2, grid={"indices_per_noise": 3})),
     "warmup-clip-8e-3-endpoint": ("warmup-clip-8e-3 weighting each grid index by its share of the one-step sample's "
-                                  "error, (|t_i - t_i2| / t_i)^1 (grid.weighting 'endpoint'; ~4.6x at sigma_min "
+                                  "error, (|t_i - t_i2| / t_i)^1 (grid.weighting 'endpoint'; ~4.8x at sigma_min "
                                   "against T)", _warmup_clip(8e-3, grid={"weighting": "endpoint"})),
     "warmup-clip-8e-3-endpoint2": ("warmup-clip-8e-3-endpoint with power 2 (~21x at sigma_min against T)",
                                    _warmup_clip(8e-3, grid={"weighting": "endpoint", "weighting_power": 2.0})),
+    "warmup-clip-8e-3-endpoint-inv": ("warmup-clip-8e-3-endpoint with power -1: the opposite tilt, the indices near "
+                                      "T weigh ~4.8x those at sigma_min",
+                                      _warmup_clip(8e-3, grid={"weighting": "endpoint", "weighting_power": -1.0})),
+    "warmup-clip-8e-3-endpoint-inv2": ("warmup-clip-8e-3-endpoint with power -2 (T's indices ~21x sigma_min's)",
+                                       _warmup_clip(8e-3, grid={"weighting": "endpoint", "weighting_power": -2.0})),
+    "warmup-clip-8e-3-inv-time3": ("warmup-clip-8e-3-endpoint-inv with the time path at 3x the lr (time3)",
+                                   _warmup_clip(8e-3, grid={"weighting": "endpoint", "weighting_power": -1.0},
+                                                optimizer=dict(_DEMO_OPT, lr=8e-3, betas=[0.9, 0.99],
+                                                               lr_scale={"map_*": 3.0, "*.affine.*": 3.0}))),
     "warmup-clip-8e-3-time3": ("warmup-clip-8e-3 with the time path at 3x the lr (optimizer.lr_scale: the noise "
                                "embedding map_* and every block's affine emb -> scale/shift layer, 15k of the 292k "
                                "parameters; the student reads t as a trajectory time, not the teacher's noise level)",

@@ -308,8 +308,8 @@ def _check_schedules_and_power_ema(cfg: Mapping[str, Any]) -> None:
     grid = cfg["grid"]
     check_choice(grid["sampling"], _name("grid.sampling"), GRID_SAMPLINGS)
     check_choice(grid["weighting"], _name("grid.weighting"), GRID_WEIGHTINGS)
-    _need(is_number(grid["weighting_power"]) and 0 < grid["weighting_power"] <= 4, "grid.weighting_power",
-          "a number in (0, 4]", grid["weighting_power"])
+    _need(is_number(grid["weighting_power"]) and grid["weighting_power"] != 0 and abs(grid["weighting_power"]) <= 4,
+          "grid.weighting_power", "a non-zero number in [-4, 4]", grid["weighting_power"])
     _need(is_number(grid["stats_decay"]) and 0 <= grid["stats_decay"] < 1, "grid.stats_decay", "a number in [0, 1)",
           grid["stats_decay"])
     _need(is_number(grid["uniform_mix"]) and 0 < grid["uniform_mix"] <= 1, "grid.uniform_mix", "a number in (0, 1]",

@@ -24,7 +24,9 @@ dx/dt, so a residual r_i at grid time t_i moves the ODE's end point by about r_i
 1 over the grid, makes an l2 loss (power 2) or a roughly linear pseudo-Huber loss (power 1) count
 each index by its share of that end-point error instead of by its raw scale (the raw residual
 peaks near t = 1 and is ~100x smaller at sigma_min, where the one-step sample is read out). On the
-EDM grid (rho 7, 0.002 .. 80, N 250) power 1 weighs the last index ~4.6x the first.
+EDM grid (rho 7, 0.002 .. 80, N 250) power 1 weighs the last index ~4.8x the first. A negative
+power tilts the other way (power -1: T's index ~4.8x sigma_min's), which is what measured better on
+the digits teacher (benchmarks/results/convergence.md).
 """
 
 from __future__ import annotations
