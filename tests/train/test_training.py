@@ -76,7 +76,7 @@ def test_config_defaults_overrides_and_errors(tmp_path):
                                                              "loss.huber_c=0.03", "student.network=null"])
     cfg = resolve_config(over)
     assert cfg["optimizer"] == {"name": "adam", "lr": 3e-4, "betas": [0.9, 0.999], "eps": 1e-8,
-                                "weight_decay": 0.0}
+                                "weight_decay": 0.0, "lr_scale": {}}
     assert cfg["loss"]["norm"] == "huber" and cfg["student"]["network"] is None
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"_comment": "ignored", "batch_size": 8}))
