@@ -15,7 +15,8 @@ TARGET_FD_TEACHER, TARGET_RMSE = 0.16, 0.140
 STEPS_SHOWN = (100, 200, 300, 400, 600, 1000, 1200)
 # drawn thick: the demo's recipe before and after benchmarks/results/convergence-notes.md's choice
 HIGHLIGHT = {("demo", "ema-0.998"), ("cosine-b2", "model+teacher-0.2"), ("warmup-clip-8e-3", "model+teacher-0.1"),
-             ("warmup-clip-8e-3-800-seed0", "model+teacher-0.05")}
+             ("warmup-clip-8e-3-800-seed0", "model+teacher-0.05"), ("warmup-clip-8e-3-inv-time3-600-seed0", "model+teacher-0.1"),
+             ("warmup-clip-8e-3-k3-inv-time3", "model+teacher-0.1")}
 
 
 def steps_to_target(curve: dict, teacher: float, target: float = TARGET):

@@ -52,6 +52,9 @@ def guided_scores(images: torch.Tensor, labels: torch.Tensor, reference: torch.T
 # demo keeps the 400-step budget it was measured with (benchmarks/results/guided_demo.md) where the
 # plain demo now runs DEMO_DEFAULTS["steps"].
 GUIDED_STEPS = 400
+# ... and the recipe it was measured with: one grid point per noise, uniform grid weights, one lr
+GUIDED_RECIPE = {"indices_per_noise": 1, "grid_weighting": {"weighting": "uniform", "weighting_power": 1.0},
+                 "lr_scale": {}}
 
 
 def run_guided_demo(out_dir: str | os.PathLike = "pid-demo-guided", *, scale: float = 2.0,
@@ -97,7 +100,7 @@ def run_guided_demo(out_dir: str | os.PathLike = "pid-demo-guided", *, scale: fl
         log(f"w={w:g}: teacher Heun samples in {rows[f'teacher w={w:g}']['seconds']:.0f}s; distilling {steps} steps ...")
         config = demo_config(teacher_path, steps=steps, batch_size=batch_size, lr=lr, N=N,
                              norm=DEMO_DEFAULTS["norm"], huber_c=DEMO_DEFAULTS["huber_c"], ema_rates=[],
-                             chunk=steps, seed=seed, progress=progress, power_sigma_rels=[])
+                             chunk=steps, seed=seed, progress=progress, power_sigma_rels=[], **GUIDED_RECIPE)
         config["teacher"]["guidance"] = {"scale": w, "guide": "unconditional"}
         config["snapshot_every"] = 0
         run_dir = os.path.join(os.fspath(out_dir), f"run-w{w:g}")

@@ -241,13 +241,25 @@ class Distillation:
         return {w: [by_step[step][w] for step in self.steps] for w in weights}
 
 
+def _recipe_extras(config: dict) -> str:
+    """The grid weighting and per-group lr of a demo config, when not the plain ones (for the log)."""
+    grid, scales = config["grid"], config["optimizer"].get("lr_scale") or {}
+    extras = []
+    if grid.get("weighting", "uniform") != "uniform":
+        power = f" ^ {grid['weighting_power']:g}" if grid["weighting"] == "endpoint" else ""
+        extras.append(f"{grid['weighting']} grid weights{power}")
+    if scales:
+        extras.append("lr " + ", ".join(f"x{v:g} for {k}" for k, v in scales.items()))
+    return "".join(f", {e}" for e in extras)
+
+
 def distill(run: DemoRun, scorer: DigitsScorer) -> Distillation:
     """PID distillation in chunks of ``run.chunk`` steps (the trainer's resume is exact, so
     chunking does not change the result), scoring each new checkpoint; stops at the first chunk
     that ends past ``run.max_minutes`` of distillation."""
     points = f" x {run.indices_per_noise} grid points per noise" if run.indices_per_noise > 1 else ""
     run.log(f"PID distillation: {run.steps} steps of batch {run.batch_size}{points}, N={run.N}, {run.norm} norm, RAdam "
-            f"lr {run.lr}, budget {'none' if run.max_minutes is None else f'{run.max_minutes:g} min'} -> "
+            f"lr {run.lr}{_recipe_extras(run.config)}, budget {'none' if run.max_minutes is None else f'{run.max_minutes:g} min'} -> "
             f"{run.run_dir}")
     result = Distillation()
     t_distill = time.perf_counter()
@@ -390,7 +402,8 @@ def format_table(summary: dict[str, Any]) -> str:
     lines.append(f"student FD to data / teacher Heun FD to data = {ratio:.2f} (target <= {summary['target_ratio']:g})")
     points = summary["config"]["grid"].get("indices_per_noise", 1)
     lines.append(f"distillation: {summary['steps']} steps x batch {summary['batch_size']}"
-                 + (f" x {points} grid points per noise" if points > 1 else "") + " in "
+                 + (f" x {points} grid points per noise" if points > 1 else "")
+                 + _recipe_extras(summary["config"]) + " in "
                  f"{summary['distill_seconds'] / 60:.1f} min"
                  + (" (stopped by the time budget)" if summary["stopped_early"] else "")
                  + f"; total wall time {summary['total_seconds'] / 60:.1f} min on {summary['threads']} thread(s)")

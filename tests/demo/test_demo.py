@@ -203,3 +203,37 @@ def test_plots_bad_input(tmp_path):
         save_comparison_grid({"a": torch.zeros(2, 1, 4, 4), "b": torch.zeros(3, 1, 4, 4)}, tmp_path / "g.png")
     with pytest.raises(ValueError, match="rows"):
         plot_fd_vs_n([], tmp_path / "n.png")
+
+
+def test_demo_recipe_matches_the_config_file_and_the_bundled_teacher():
+    """configs/digits-fast.json is the demo's recipe as a trainer config, and the recipe's
+    lr_scale patterns pick the bundled teacher's time-embedding path (not nothing, not everything)."""
+    import fnmatch
+
+    from pid_fast.data.assets import DEFAULT_TEACHER
+    from pid_fast.demo.settings import DEMO_DEFAULTS, demo_config
+    from pid_fast.demo.teacher import load_digits_teacher
+    from pid_fast.train.builders import lr_scale_groups
+    from pid_fast.train.config import load_config, resolve_config
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    steps = DEMO_DEFAULTS["steps"]
+    demo = resolve_config(demo_config(DEFAULT_TEACHER, steps=steps, batch_size=DEMO_DEFAULTS["batch_size"],
+                                      lr=DEMO_DEFAULTS["lr"], N=DEMO_DEFAULTS["N"], norm=DEMO_DEFAULTS["norm"],
+                                      huber_c=DEMO_DEFAULTS["huber_c"], ema_rates=DEMO_DEFAULTS["ema_rates"],
+                                      chunk=DEMO_DEFAULTS["chunk"]))
+    fast = resolve_config(load_config(os.path.join(root, "configs", "digits-fast.json")))
+    for key in ("optimizer", "lr_schedule", "grid", "clip_grad_norm", "batch_size", "loss"):
+        assert fast[key] == demo[key], key
+    assert fast["total_steps"] == steps == demo["lr_schedule"]["decay_steps"]
+
+    net = load_digits_teacher(DEFAULT_TEACHER).model  # the student is the raw U-Net inside EDMPrecond
+    named = list(net.named_parameters())
+    scales = demo["optimizer"]["lr_scale"]
+    groups = lr_scale_groups(named, scales, demo["optimizer"]["lr"])
+    scaled = [n for n, _ in named if any(fnmatch.fnmatchcase(n, p) for p in scales)]
+    total = sum(p.numel() for _, p in named)
+    share = sum(p.numel() for n, p in named if n in scaled) / total
+    assert 0.01 < share < 0.2, share  # the time path only (~5% of the parameters)
+    assert sum(len(g["params"]) for g in groups) == len(named)
+    assert {g["lr"] for g in groups} == {demo["optimizer"]["lr"]} | {demo["optimizer"]["lr"] * f for f in scales.values()}
