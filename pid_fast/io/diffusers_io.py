@@ -22,6 +22,7 @@ or by hand, with the UNet alone::
     t = torch.tensor([s["timestep"]])  # a tensor: diffusers casts a Python number to an integer
     x = s["noise_weight"] * z + s["output_weight"] * unet(s["input_scale"] * z, t).sample
     images = x.clamp(-1, 1)          # in [-1, 1]; class-conditional UNets also take class_labels=...
+    # (a learned-variance UNet, out_channels = 2 in_channels: take .sample[:, :in_channels])
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from torch import nn
 from pid_fast.io.errors import CheckpointFormatError
 from pid_fast.models.diffusers_adapter import (EDM_SCHEDULERS, UNET_CLASSES, DiffusersDenoiser, DiffusersUNet,
                                                denoiser_from_scheduler, import_diffusers, one_step_settings,
-                                               scheduler_alphas_cumprod)
+                                               prediction_part, scheduler_alphas_cumprod)
 
 __all__ = ["ONE_STEP_FILE", "find_diffusers_parts", "load_diffusers_scheduler", "load_diffusers_teacher",
            "export_one_step", "load_one_step", "one_step_sample"]
@@ -190,6 +191,6 @@ def one_step_sample(unet: nn.Module, settings: Mapping[str, Any], z: torch.Tenso
     """One-step images in [-1, 1] from latents z ~ N(0, I): the formula of the module docstring
     (``unet_kwargs``: e.g. class_labels=... for a class-conditional UNet)."""
     timestep = torch.full((z.shape[0],), float(settings["timestep"]), device=z.device)
-    out = unet(float(settings["input_scale"]) * z, timestep, **unet_kwargs).sample.float()
+    out = prediction_part(unet(float(settings["input_scale"]) * z, timestep, **unet_kwargs).sample.float(), z.shape[1])
     x = float(settings["noise_weight"]) * z + float(settings["output_weight"]) * out
     return x.clamp(*settings["clamp"])

@@ -12,7 +12,7 @@ One step: x = noise_weight z + output_weight unet(input_scale z, timestep).sampl
 [-1, 1], z ~ N(0, I): the student x(n, t) = (t/T) n + (1 - t/T) F(c n, c_noise(t)) at
 t = sigma_min with n = T z (pid_fast/io/diffusers_io.py). The constants are this pipeline's
 config (model_index.json). The timestep goes to the UNet as a tensor: diffusers casts a Python
-number to an integer.
+number to an integer. A learned-variance UNet (out_channels = 2 in_channels) gives its first half.
 """
 
 from __future__ import annotations
@@ -75,6 +75,8 @@ class PIDOneStepPipeline(DiffusionPipeline):
             unet_kwargs["class_labels"] = torch.as_tensor(class_labels, device=device).reshape(-1).long()
         timestep = torch.full((z.shape[0],), self.config.timestep, device=device)
         out = self.unet((self.config.input_scale * z).to(self.unet.dtype), timestep, **unet_kwargs).sample
+        if out.shape[1] == 2 * z.shape[1]:  # a learned-variance UNet: [prediction, variance]
+            out = out[:, :z.shape[1]]
         x = (self.config.noise_weight * z + self.config.output_weight * out.float()).clamp(*self.config.clamp)
         if output_type == "latent":
             images = x

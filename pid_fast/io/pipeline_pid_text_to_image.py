@@ -87,6 +87,8 @@ class PIDTextToImagePipeline(DiffusionPipeline):
         timestep = torch.full((z.shape[0],), self.config.timestep, device=device)
         out = self.unet((self.config.input_scale * z).to(self.unet.dtype), timestep,
                         encoder_hidden_states=embeds.to(self.unet.dtype)).sample
+        if out.shape[1] == 2 * z.shape[1]:  # a learned-variance UNet: [prediction, variance]
+            out = out[:, :z.shape[1]]
         x = self.config.noise_weight * z + self.config.output_weight * out.float()
         if output_type == "latent":
             images = x

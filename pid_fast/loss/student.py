@@ -108,7 +108,9 @@ class _DiffusersStudent:
         self.wrapper = wrapper
 
     def __call__(self, x_in: torch.Tensor, c_noise: torch.Tensor, labels: Any = None) -> torch.Tensor:
-        return _tensor_output(self.wrapper(x_in, c_noise, labels))
+        out = _tensor_output(self.wrapper(x_in, c_noise, labels))
+        # a learned-variance UNet (out_channels = 2 in_channels): its prediction half
+        return out[:, :x_in.shape[1]] if out.shape[1] == 2 * x_in.shape[1] else out
 
 
 def _tensor_output(out: Any) -> Any:

@@ -43,6 +43,12 @@ Schedulers (``DiffusersDenoiser.from_scheduler`` / ``denoiser_from_scheduler``):
   [sigma_min, sigma_max].
 Anything else (flow matching, score-SDE VE) is refused with the scheduler's name.
 
+Learned variance: a UNet with twice as many output channels as input channels (iDDPM / ADM / DiT
+style, out_channels = 2 in_channels, the scheduler's variance_type "learned" or "learned_range")
+predicts [prediction, variance] along the channels; the denoiser, the PID student copied from it,
+the reference loop and the exported pipelines take the first half (as diffusers' DiT pipeline and
+DDPMScheduler.step do) and the deterministic samplers and PID do not use the variance.
+
 Labels: a class-conditional UNet (num_class_embeds) takes one-hot or integer class labels; a
 cross-attention UNet takes encoder_hidden_states [B, L, D] as the labels tensor; any UNet
 takes a mapping of its keyword arguments (e.g. {"encoder_hidden_states": ..., "class_labels": ...}).
@@ -63,7 +69,7 @@ __all__ = ["PREDICTION_TYPES", "TIMESTEP_ROUNDINGS", "UNET_CLASSES", "EDM_SCHEDU
            "import_diffusers", "schedule_sigmas", "scheduler_alphas_cumprod", "scheduler_sigma_range",
            "SigmaToTimestep", "DiffusersUNet", "DiffusersDenoiser", "DiffusersEDMDenoiser", "denoiser_from_scheduler",
            "sampler_scheduler", "scheduler_grid", "diffusers_loop", "build_diffusers_network", "is_diffusers_network",
-           "diffusers_noise_labels",
+           "diffusers_noise_labels", "prediction_channels", "prediction_part",
            "one_step_settings"]
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -141,6 +147,18 @@ class SigmaToTimestep:
         return self.sigmas.to(sigma.device)[self.fractional(sigma).round().long()]
 
 
+def prediction_channels(unet_config: Mapping[str, Any]) -> int:
+    """The channels of a UNet's prediction: in_channels for a learned-variance UNet (out_channels =
+    2 in_channels: [prediction, variance]), else out_channels."""
+    cin, cout = int(unet_config["in_channels"]), int(unet_config["out_channels"])
+    return cin if cout == 2 * cin else cout
+
+
+def prediction_part(out: torch.Tensor, channels: int) -> torch.Tensor:
+    """A UNet output without its learned-variance half (``out`` as is when it has ``channels``)."""
+    return out[:, :channels] if out.shape[1] == 2 * channels else out
+
+
 def is_diffusers_network(config: Any) -> bool:
     """True for a network config written by ``DiffusersUNet.rebuild_config``."""
     return isinstance(config, Mapping) and config.get("model_type") == "diffusers"
@@ -173,6 +191,8 @@ class DiffusersUNet(nn.Module):
         self.integer_timesteps = cfg.get("time_embedding_type", "positional") == "learned"
         self.cross_attention = name == "UNet2DConditionModel"
         self.label_dim = int(cfg.get("num_class_embeds") or 0) if cfg.get("class_embed_type") is None else 0
+        self.out_channels = prediction_channels(cfg)  # the variance half of a learned-variance UNet dropped
+        self.learned_variance = self.out_channels != int(cfg["out_channels"])
 
     def rebuild_config(self) -> dict:
         """A JSON-able network config from which ``build_diffusers_network`` rebuilds this
@@ -187,8 +207,8 @@ class DiffusersUNet(nn.Module):
             raise ValueError(f"unet: its config has no sample_size (got {size!r}); set it to the image resolution")
         unet_config = {k: _plain(v) for k, v in cfg.items() if not k.startswith("_")}
         return {"model_type": "diffusers", "class_name": type(self.unet).__name__, "unet_config": unet_config,
-                "in_channels": int(cfg["in_channels"]), "out_channels": int(cfg["out_channels"]),
-                "img_resolution": size, "label_dim": self.label_dim, "dropout": float(cfg.get("dropout", 0.0))}
+                "in_channels": int(cfg["in_channels"]), "out_channels": self.out_channels,
+                "learned_variance": self.learned_variance, "img_resolution": size, "label_dim": self.label_dim, "dropout": float(cfg.get("dropout", 0.0))}
 
     def forward(self, x_in: torch.Tensor, c_noise: torch.Tensor, class_labels: Any = None) -> torch.Tensor:
         dtype = self.unet.dtype
@@ -196,7 +216,7 @@ class DiffusersUNet(nn.Module):
         if self.integer_timesteps:  # a lookup table: integer steps only (timestep_rounding 'nearest')
             timesteps = timesteps.round().long()
         out = self.unet(x_in.to(dtype), timesteps, **self._conditioning(class_labels, x_in.shape[0])).sample
-        return out
+        return out[:, :self.out_channels] if self.learned_variance else out
 
     def _conditioning(self, labels: Any, batch: int) -> dict:
         """The UNet's keyword arguments for ``labels``."""
@@ -525,7 +545,7 @@ def diffusers_loop(unet: nn.Module, scheduler_config: Mapping[str, Any], latents
     x = latents.to(torch.float32) * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
         model_input = scheduler.scale_model_input(x, t)
-        out = unet(model_input, t, **unet_kwargs).sample
+        out = prediction_part(unet(model_input, t, **unet_kwargs).sample, x.shape[1])
         x = scheduler.step(out, t, x).prev_sample
     return x
 

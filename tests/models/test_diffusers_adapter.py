@@ -236,3 +236,47 @@ def test_the_jvp_derivative_runs_through_a_diffusers_student():
     jvp.backward()  # forward-mode AD through diffusers' time embedding, then the usual backward
     assert all(p.grad is not None for p in student.parameters() if p.requires_grad)
     assert float(jvp) == pytest.approx(float(fd), rel=0.05)  # the O(dt) gap between the two derivatives
+
+
+# ----------------------------------------------------------------------------------------
+# learned variance (iDDPM / ADM / DiT style: out_channels = 2 in_channels)
+
+
+@pytest.mark.parametrize("variance_type", ["learned_range", "learned"])
+def test_a_learned_variance_unet_denoises_with_its_prediction_half(variance_type):
+    """D equals the x0 DDPMScheduler.step derives from the full [prediction, variance] output."""
+    unet = tiny_unet(out_channels=2)
+    scheduler = diffusers.DDPMScheduler(variance_type=variance_type, clip_sample=False)
+    teacher = DiffusersDenoiser.from_scheduler(unet, scheduler)
+    assert teacher.model.learned_variance and teacher.model.out_channels == 1
+    assert teacher.model.rebuild_config()["out_channels"] == 1  # the student's images: 1 channel
+    assert teacher.model.rebuild_config()["unet_config"]["out_channels"] == 2  # the architecture kept
+    gen = torch.Generator().manual_seed(1)
+    x0, eps = 0.5 * torch.randn(3, 1, 8, 8, generator=gen), torch.randn(3, 1, 8, 8, generator=gen)
+    worst = 0.0
+    for t in TIMESTEPS:
+        ab = scheduler.alphas_cumprod[t].double()
+        x_t = scheduler.add_noise(x0, eps, torch.full((3,), t))
+        with torch.no_grad():
+            d = teacher(x_t.double() / ab.sqrt(), ((1 - ab) / ab).sqrt().float())
+        ref = _scheduler_x0(scheduler, unet, x_t, t)
+        assert d.shape == ref.shape == (3, 1, 8, 8)
+        worst = max(worst, float((d - ref).abs().max() / ref.abs().max()))
+    assert worst < 1e-5, worst
+
+
+def test_a_learned_variance_unet_as_a_drop_in_student_gives_its_prediction_half():
+    """PIDLoss with a bare learned-variance UNet2DModel as the student: the same loss as through
+    DiffusersUNet, and the variance half of the output layer gets zero gradient."""
+    unet = tiny_unet(out_channels=2)
+    teacher = DiffusersDenoiser.from_scheduler(copy.deepcopy(unet), diffusers.DDPMScheduler(variance_type="learned_range"))
+    pid = PIDLoss(teacher, N=20, sigma_min=teacher.sigma_min, sigma_max=80.0)
+    gen = torch.Generator().manual_seed(0)
+    noise, indices = torch.randn(4, 1, 8, 8, generator=gen) * 80.0, torch.randint(0, 20, (4,), generator=gen)
+    bare = copy.deepcopy(unet).train().requires_grad_(True)
+    wrapped = copy.deepcopy(teacher.model).train().requires_grad_(True)
+    loss_bare, loss_wrapped = pid(bare, noise, indices=indices), pid(wrapped, noise, indices=indices)
+    torch.testing.assert_close(loss_bare, loss_wrapped, rtol=1e-6, atol=0)
+    loss_bare.backward()
+    grad = bare.conv_out.weight.grad
+    assert grad[1].abs().max() == 0 and grad[0].abs().max() > 0

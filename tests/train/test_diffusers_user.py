@@ -241,9 +241,9 @@ def test_an_edm_scheduler_teacher_trains_from_a_folder(tmp_path):
 # 5. export as a diffusers pipeline
 
 
-def _export(tmp_path, num_class_embeds=None):
+def _export(tmp_path, num_class_embeds=None, unet=None):
     """A 2-step run of a diffusers teacher, its `sample` and its export."""
-    folder = save_teacher(tmp_path / "t", num_class_embeds=num_class_embeds)
+    folder = save_teacher(tmp_path / "t", num_class_embeds=num_class_embeds, unet=unet)
     run, out = tmp_path / "run", tmp_path / "one-step"
     train(_config(folder, loss={"N": 20}, total_steps=2), run)
     runner = CliRunner()
@@ -271,6 +271,27 @@ def test_the_exported_folder_is_a_one_step_diffusers_pipeline(tmp_path):
         pipe(batch_size=1, class_labels=torch.tensor([0]), num_inference_steps=4)
     with pytest.raises(ValueError, match="trust_remote_code"):  # diffusers' own rule for code in a folder
         diffusers.DiffusionPipeline.from_pretrained(out)
+
+
+def test_a_learned_variance_teacher_trains_samples_and_exports(tmp_path):
+    """A UNet with out_channels = 2 in_channels ([prediction, variance]): the student copied from it
+    keeps the architecture, takes and returns 1-channel images, and its exported pipeline gives
+    `pid-fast sample`'s images."""
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(sample_size=16, in_channels=1, out_channels=2, block_out_channels=(8, 16),
+                                 layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4)
+    out, samples, folder, run = _export(tmp_path, unet=unet)
+    net, meta = load_student(run, weights="model")
+    assert list(meta["shape"]) == [1, 16, 16] and net.unet.config.out_channels == 2 and net.learned_variance
+    assert samples["x"].shape == (4, 1, 16, 16)
+    pipe = diffusers.DiffusionPipeline.from_pretrained(out, trust_remote_code=True)
+    x = pipe(generator=[torch.Generator().manual_seed(seed) for seed in range(4)], output_type="latent").images
+    np.testing.assert_allclose(x.numpy(), samples["x"], atol=1e-5)
+    res = CliRunner().invoke(main, ["sample", "--teacher", folder, str(tmp_path / "t.npz"), "--num", "2",
+                                    "--steps", "3"])
+    assert res.exit_code == 0, res.output
+    assert np.load(tmp_path / "t.npz")["x"].shape == (2, 1, 16, 16)
 
 
 def test_the_readme_export_snippet_runs(tmp_path):
