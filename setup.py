@@ -143,7 +143,9 @@ DIFFUSERS = ["diffusers>=0.30"]  # teachers/students saved with diffusers' save_
 ACCELERATE = ["accelerate"]  # the drop-in loss inside an accelerate loop (examples/, tests)
 TEXT = DIFFUSERS + ["transformers"]  # text-to-image teachers: CLIP text encoders and tokenizers
 TENSORBOARD = ["tensorboard"]  # log.tensorboard: torch.utils.tensorboard's writer
-TEST = ["pytest", "hypothesis", "pytest-benchmark", "piq==0.8.0", "lpips"] + DIFFUSERS + ACCELERATE + TEXT + TENSORBOARD
+WANDB = ["wandb"]  # log.wandb (tests run it with WANDB_MODE=offline)
+TEST = (["pytest", "hypothesis", "pytest-benchmark", "piq==0.8.0", "lpips"] + DIFFUSERS + ACCELERATE + TEXT + TENSORBOARD
+        + WANDB)
 
 setup(
     name="pid_fast",
@@ -159,8 +161,9 @@ setup(
         "diffusers": DIFFUSERS,  # teacher.kind = "diffusers", VAE decoding of latent teachers
         "text": TEXT,  # text-conditioned diffusers pipelines (prompts, CLIP score)
         "tensorboard": TENSORBOARD,
+        "wandb": WANDB,
         "test": TEST,
-        "all": sorted(set(EVAL + LPIPS + DIFFUSERS + TEXT + TENSORBOARD + TEST)),
+        "all": sorted(set(EVAL + LPIPS + DIFFUSERS + TEXT + TENSORBOARD + WANDB + TEST)),
     },
     entry_points={"console_scripts": ["pid-fast = pid_fast.cli:main"]},
     ext_modules=[extension()],

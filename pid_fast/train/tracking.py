@@ -4,7 +4,8 @@ rank 0 only. log.jsonl stays the record; these are views of the same numbers.
     "log": {"tensorboard": true}   -> RUN/tensorboard/events.out.tfevents.*  (torch.utils.tensorboard;
                                       pip install pid_fast[tensorboard])
     "log": {"wandb": true}         -> a W&B run in RUN/wandb (project log.wandb_project; WANDB_MODE=offline
-                                      for no network)
+                                      for no network); its id is kept in RUN/wandb-id, so a resumed
+                                      run continues the same W&B run (resume="allow")
 
 Scalars: train/loss, train/lr, train/grad_norm, train/images_per_s at every log step; the
 snapshot grid as the image samples/one_step at every snapshot.
@@ -14,17 +15,34 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import secrets
 from typing import Any, Mapping, Optional
 
 import torch
 
 from pid_fast.eval.images import image_grid
+from pid_fast.io.atomic import atomic_write
 
 __all__ = ["TRACKER_PACKAGES", "check_trackers", "Trackers"]
 
 # config key -> (module that must import, pip extra / package to install)
-TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "pid_fast[tensorboard]"), "wandb": ("wandb", "wandb")}
+TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "pid_fast[tensorboard]"), "wandb": ("wandb", "pid_fast[wandb]")}
 TENSORBOARD_DIR = "tensorboard"
+WANDB_ID_FILE = "wandb-id"
+
+
+def wandb_run_id(run_dir: str) -> str:
+    """The W&B run id of ``run_dir``: read from RUN/wandb-id, or made (8 characters of [0-9a-f], as
+    W&B's own ids are lowercase alphanumerics) and written there at the first start."""
+    path = os.path.join(run_dir, WANDB_ID_FILE)
+    if os.path.isfile(path):
+        with open(path) as f:
+            run_id = f.read().strip()
+        if run_id:
+            return run_id
+    run_id = secrets.token_hex(4)
+    atomic_write(path, run_id.encode() + b"\n")
+    return run_id
 
 
 def check_trackers(log_cfg: Mapping[str, Any]) -> None:
@@ -54,7 +72,8 @@ class Trackers:
             import wandb
 
             self.wandb = wandb.init(project=log_cfg["wandb_project"], dir=run_dir, config=dict(config),
-                                    name=os.path.basename(os.path.abspath(run_dir)), resume="allow")
+                                    name=os.path.basename(os.path.abspath(run_dir)), id=wandb_run_id(run_dir),
+                                    resume="allow")
 
     @property
     def active(self) -> bool:

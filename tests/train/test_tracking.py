@@ -88,9 +88,67 @@ def test_missing_tracker_package_is_named(tmp_path, monkeypatch):
         train(tiny_config(**{"total_steps": 1, "log.tensorboard": True}), tmp_path)
 
 
+class _FakeWandb:
+    """Records what the trainer hands W&B (init's arguments, log calls, images, finish)."""
+
+    def __init__(self):
+        self.inits, self.logs, self.finished = [], [], 0
+
+    def module(self):
+        import importlib.machinery
+        import types
+
+        mod = types.ModuleType("wandb")
+        mod.__spec__ = importlib.machinery.ModuleSpec("wandb", None)  # what check_trackers' find_spec sees
+        fake = self
+
+        class Run:
+            def log(self, values, step=None):
+                fake.logs.append((step, dict(values)))
+
+            def finish(self):
+                fake.finished += 1
+
+        def init(**kwargs):
+            fake.inits.append(kwargs)
+            return Run()
+
+        mod.init, mod.Image = init, lambda array: ("image", tuple(array.shape))
+        return mod
+
+
+def test_wandb_gets_the_logged_numbers_and_one_run_id_across_a_resume(tmp_path, monkeypatch):
+    fake = _FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake.module())
+    over = {"log_every": 1, "checkpoint_every": 2, "snapshot_every": 2, "log.wandb": True,
+            "log.wandb_project": "my-project"}
+    train(tiny_config(**over, total_steps=2), tmp_path)
+    train(tiny_config(**over, total_steps=4), tmp_path, resume=True)
+    assert len(fake.inits) == 2 and fake.finished == 2
+    first, second = fake.inits
+    assert first["id"] == second["id"] == (tmp_path / "wandb-id").read_text().strip() and len(first["id"]) == 8
+    assert first["project"] == "my-project" and first["resume"] == "allow" and first["dir"] == str(tmp_path)
+    scalars = {step: values for step, values in fake.logs if "train/loss" in values}
+    records = {r["step"]: r for r in _records(tmp_path) if "loss" in r}
+    assert sorted(scalars) == sorted(records) == [1, 2, 3, 4]
+    for step, values in scalars.items():
+        assert values["train/loss"] == pytest.approx(records[step]["loss"], rel=1e-6)
+        assert values["train/lr"] == pytest.approx(records[step]["lr"], rel=1e-6)
+    images = [step for step, values in fake.logs if "samples/one_step" in values]
+    assert 2 in images and 4 in images
+    assert all(values["samples/one_step"][0] == "image" for _, values in fake.logs if "samples/one_step" in values)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="wandb is not installed")
 def test_wandb_offline_run(tmp_path, monkeypatch):
+    """The real package, offline: a run and its resume write one W&B run (the same id)."""
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    train(tiny_config(**{"total_steps": 2, "log_every": 1, "log.wandb": True}), tmp_path)
-    assert os.path.isdir(tmp_path / "wandb")
+    over = {"log_every": 1, "checkpoint_every": 2, "snapshot_every": 2, "log.wandb": True}
+    train(tiny_config(**over, total_steps=2), tmp_path)
+    train(tiny_config(**over, total_steps=4), tmp_path, resume=True)
+    run_id = (tmp_path / "wandb-id").read_text().strip()
+    runs = [d for d in os.listdir(tmp_path / "wandb") if d.startswith("offline-run-")]
+    assert len(runs) == 2 and all(d.endswith("-" + run_id) for d in runs), runs
+    images = [f for d in runs for f in os.listdir(tmp_path / "wandb" / d / "files" / "media" / "images" / "samples")]
+    assert len(images) >= 2
