@@ -141,11 +141,12 @@ EVAL = ["clean-fid", "scikit-learn", "matplotlib", "torchvision"]
 LPIPS = ["lpips"]  # brings torchvision; its vgg.pth is the default LPIPS heads file
 DIFFUSERS = ["diffusers>=0.30"]  # teachers/students saved with diffusers' save_pretrained
 ACCELERATE = ["accelerate"]  # the drop-in loss inside an accelerate loop (examples/, tests)
+LIGHTNING = ["pytorch-lightning"]  # the drop-in loss inside a LightningModule (examples/, tests)
 TEXT = DIFFUSERS + ["transformers"]  # text-to-image teachers: CLIP text encoders and tokenizers
 TENSORBOARD = ["tensorboard"]  # log.tensorboard: torch.utils.tensorboard's writer
 WANDB = ["wandb"]  # log.wandb (tests run it with WANDB_MODE=offline)
-TEST = (["pytest", "hypothesis", "pytest-benchmark", "piq==0.8.0", "lpips"] + DIFFUSERS + ACCELERATE + TEXT + TENSORBOARD
-        + WANDB)
+TEST = (["pytest", "hypothesis", "pytest-benchmark", "piq==0.8.0", "lpips"] + DIFFUSERS + ACCELERATE + LIGHTNING + TEXT
+        + TENSORBOARD + WANDB)
 
 setup(
     name="pid_fast",
