@@ -122,8 +122,10 @@ def test_edm_loss_pickles_as_settings_and_the_teachers_path(tmp_path, marker):
     after = clone(net=student, images=images, labels=torch.zeros(4, 0))
     assert before.shape == images.shape and torch.equal(before, after)
     # EDM's reduction: the per-element mean is the PID loss; sum / B is C H W times it
+    # (each sample's loss broadcast over its elements: equal means up to the summation order)
     per_sample = before[:, 0, 0, 0]
-    assert torch.equal(before.mean(), per_sample.mean())
+    assert torch.equal(before, per_sample[:, None, None, None].expand_as(before))
+    torch.testing.assert_close(before.mean(), per_sample.mean(), rtol=1e-6, atol=0)
     assert json.loads(json.dumps({"teacher": loss_fn.teacher}))  # EDM writes loss_kwargs as JSON
 
 
