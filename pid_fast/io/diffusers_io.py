@@ -67,10 +67,13 @@ def find_diffusers_parts(path: str | os.PathLike, scheduler: Optional[str | os.P
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{name}: no such folder: {path!r} (a diffusers model folder written by "
                                 f"save_pretrained)")
-    unet_dir = os.path.join(path, "unet") if os.path.isfile(os.path.join(path, "unet", "config.json")) else path
+    # a pipeline folder's network: unet/ (UNet pipelines) or transformer/ (DiT pipelines); else the folder itself
+    unet_dir = next((os.path.join(path, sub) for sub in ("unet", "transformer")
+                     if os.path.isfile(os.path.join(path, sub, "config.json"))), path)
     if not os.path.isfile(os.path.join(unet_dir, "config.json")):
         raise CheckpointFormatError(f"{name}: {path!r} is not a diffusers model folder: expected unet/config.json "
-                                    f"(a pipeline folder) or config.json (a UNet folder), written by save_pretrained")
+                                    f"or transformer/config.json (a pipeline folder) or config.json (a network "
+                                    f"folder), written by save_pretrained")
     if scheduler is not None:
         scheduler = os.fspath(scheduler)
         found = os.path.join(scheduler, SCHEDULER_FILE) if os.path.isdir(scheduler) else scheduler

@@ -43,10 +43,11 @@ __all__ = ["STUDENT_PARAMETRIZATIONS", "unwrap", "resolve_student", "stochastic_
 
 STUDENT_PARAMETRIZATIONS = (None, "raw", "preconditioned", "edm")
 
-_DIFFUSERS_UNETS = ("UNet2DModel", "UNet2DConditionModel")
+_DIFFUSERS_UNETS = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel")
 _DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-_DROPOUT_ATTRIBUTES = ("dropout", "label_dropout", "dropout_p", "attn_dropout")  # EDM/EDM2/pid_fast style: F.dropout(p=...)
+# EDM/EDM2/pid_fast style: F.dropout(p=...); diffusers' LabelEmbedding (DiT): dropout_prob
+_DROPOUT_ATTRIBUTES = ("dropout", "label_dropout", "dropout_p", "attn_dropout", "dropout_prob")
 
 
 def _wrapper_classes() -> tuple[type, ...]:
@@ -209,7 +210,8 @@ def check_deterministic(student: Any, allow_stochastic_student: bool) -> None:
             f"student: train-mode randomness in {shown}. PID's derivative subtracts two evaluations F(t) - F(t2) "
             f"and multiplies the difference by t/(t - t2) (10-46 at N = 250): different dropout masks (or batch "
             f"statistics) in the two make the loss noise (per-sample losses jump by orders of magnitude). Build "
-            f"the student with dropout 0 (e.g. EDM's --dropout=0), or pass allow_stochastic_student=True")
+            f"the student with dropout 0 (e.g. EDM's --dropout=0), put those modules in eval mode (e.g. a DiT's "
+            f"label embeddings), or pass allow_stochastic_student=True")
 
 
 def check_first_output(f_t: torch.Tensor, f_t2: torch.Tensor, how: str) -> None:

@@ -1,6 +1,6 @@
 """diffusers UNets as pid_fast networks and denoisers (diffusers is imported only to build one).
 
-A diffusers UNet (UNet2DModel, UNet2DConditionModel) trained with a discrete DDPM-style
+A diffusers UNet (UNet2DModel, UNet2DConditionModel; or a DiTTransformer2DModel, called alike) trained with a discrete DDPM-style
 schedule alphas_cumprod[k] (ab_k) sees the VP sample x_t = sqrt(ab_k) x0 + sqrt(1 - ab_k) eps
 at timestep k. In EDM's VE convention x = x_t / sqrt(ab) = x0 + sigma eps with
 
@@ -49,7 +49,11 @@ predicts [prediction, variance] along the channels; the denoiser, the PID studen
 the reference loop and the exported pipelines take the first half (as diffusers' DiT pipeline and
 DDPMScheduler.step do) and the deterministic samplers and PID do not use the variance.
 
-Labels: a class-conditional UNet (num_class_embeds) takes one-hot or integer class labels; a
+Labels: a class-conditional UNet (num_class_embeds; a DiT's num_embeds_ada_norm) takes one-hot or
+integer class labels; an all-zero one-hot row is "no class", the null class of a network whose label
+table has one after the classes (DiT trained with label dropout: index = number of classes), an error
+for one without (give guidance's null_label instead). A DiT's label embedding drops labels at random
+in train mode: ``DiffusersUNet`` keeps it in eval mode (PID needs a deterministic student); a
 cross-attention UNet takes encoder_hidden_states [B, L, D] as the labels tensor; any UNet
 takes a mapping of its keyword arguments (e.g. {"encoder_hidden_states": ..., "class_labels": ...}).
 """
@@ -74,7 +78,8 @@ __all__ = ["PREDICTION_TYPES", "TIMESTEP_ROUNDINGS", "UNET_CLASSES", "EDM_SCHEDU
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 TIMESTEP_ROUNDINGS = ("interpolate", "nearest")
-UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
+# the networks taken (DiTTransformer2DModel: class-conditional latent transformers, e.g. DiT-XL/2)
+UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel")
 # EDM-parametrised diffusers schedulers (DiffusersEDMDenoiser) and their prediction types
 EDM_SCHEDULERS = ("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler")
 EDM_PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -150,7 +155,8 @@ class SigmaToTimestep:
 def prediction_channels(unet_config: Mapping[str, Any]) -> int:
     """The channels of a UNet's prediction: in_channels for a learned-variance UNet (out_channels =
     2 in_channels: [prediction, variance]), else out_channels."""
-    cin, cout = int(unet_config["in_channels"]), int(unet_config["out_channels"])
+    cin = int(unet_config["in_channels"])
+    cout = int(unet_config.get("out_channels") or cin)  # DiT's None: as many as in_channels
     return cin if cout == 2 * cin else cout
 
 
@@ -190,9 +196,26 @@ class DiffusersUNet(nn.Module):
         self.unet = unet
         self.integer_timesteps = cfg.get("time_embedding_type", "positional") == "learned"
         self.cross_attention = name == "UNet2DConditionModel"
-        self.label_dim = int(cfg.get("num_class_embeds") or 0) if cfg.get("class_embed_type") is None else 0
+        if name == "DiTTransformer2DModel":  # always class-conditional (num_embeds_ada_norm classes)
+            self.label_dim = int(cfg.get("num_embeds_ada_norm") or 0)
+        else:
+            self.label_dim = int(cfg.get("num_class_embeds") or 0) if cfg.get("class_embed_type") is None else 0
+        # the class index of the unconditional input, when the network has one: DiT's label table has
+        # a row after the classes (index label_dim, its pipeline's class_null) when trained with dropout
+        self.null_class = self.label_dim if _label_tables(unet, self.label_dim + 1) else None
         self.out_channels = prediction_channels(cfg)  # the variance half of a learned-variance UNet dropped
-        self.learned_variance = self.out_channels != int(cfg["out_channels"])
+        self.learned_variance = self.out_channels != int(cfg.get("out_channels") or cfg["in_channels"])
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> "DiffusersUNet":
+        """Train mode, but label embeddings that drop labels at random in train mode (DiT's
+        LabelEmbedding, class_dropout_prob 0.1) stay in eval mode: PID needs one deterministic network
+        (the two evaluations would see different labels), and the unconditional input is the null
+        class given explicitly (guidance)."""
+        super().train(mode)
+        for table in _label_tables(self.unet):
+            table.eval()
+        return self
 
     def rebuild_config(self) -> dict:
         """A JSON-able network config from which ``build_diffusers_network`` rebuilds this
@@ -237,8 +260,29 @@ class DiffusersUNet(nn.Module):
         if labels is None:
             raise ValueError(f"class_labels: this UNet is class-conditional ({self.label_dim} classes); pass labels")
         if labels.is_floating_point():  # one-hot (or soft) [B, label_dim] -> class index
-            labels = labels.reshape(batch, self.label_dim).argmax(1)
+            labels = labels.reshape(batch, self.label_dim)
+            empty = labels.abs().amax(1) == 0  # an all-zero row: no class (the unconditional input)
+            if bool(empty.any()):
+                if self.null_class is None:
+                    raise ValueError("class_labels: an all-zero label (no class) but this network has no null "
+                                     "class to stand for it; give the guide's class index "
+                                     "(teacher.guidance.null_label) or one-hot labels")
+            labels = torch.where(empty, torch.full_like(empty, self.null_class or 0, dtype=torch.long),
+                                 labels.argmax(1))
         return {"class_labels": labels.reshape(batch).long()}
+
+
+def _label_tables(unet: nn.Module, rows: Optional[int] = None) -> list[nn.Module]:
+    """The network's label embeddings that drop labels in train mode (diffusers' LabelEmbedding:
+    ``dropout_prob`` and ``token_drop``), those whose table has ``rows`` rows when given."""
+    found = []
+    for module in unet.modules():
+        if hasattr(module, "token_drop") and isinstance(getattr(module, "dropout_prob", None), (int, float)):
+            table = getattr(module, "embedding_table", None)
+            if rows is None or (isinstance(table, nn.Embedding) and table.num_embeddings == rows
+                                and float(module.dropout_prob) > 0):
+                found.append(module)
+    return found
 
 
 def build_diffusers_network(config: Mapping[str, Any], device: torch.device | str | None = None) -> DiffusersUNet:

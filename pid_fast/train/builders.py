@@ -80,9 +80,15 @@ def guided_teacher(main: Preconditioning, gcfg: Mapping[str, Any], device: torch
                              "(pid_fast.train.prompts.text_conditions(...).negative)")
         return guided(main, main, gcfg["scale"], guide_labels=unconditional.to(device), interval=interval)
     if guide_cfg == "unconditional":
-        null = gcfg.get("null_label")
-        guide_labels = "zeros" if null is None else nn.functional.one_hot(
-            torch.tensor(int(null)), int(main.label_dim)).float()
+        null, label_dim = gcfg.get("null_label"), int(main.label_dim)
+        network_null = getattr(getattr(main, "model", None), "null_class", None)  # DiT's row after the classes
+        if null is not None and int(null) == network_null:
+            null = None  # the all-zero label stands for it
+        if null is not None and not 0 <= int(null) < label_dim:
+            raise ValueError(f"config['teacher.guidance.null_label']: {null} is not a class index of the teacher's "
+                             f"{label_dim} classes" + (f" nor its null class {network_null}"
+                                                       if network_null is not None else ""))
+        guide_labels = "zeros" if null is None else nn.functional.one_hot(torch.tensor(int(null)), label_dim).float()
         return guided(main, main, gcfg["scale"], guide_labels=guide_labels, interval=interval)
     guide, _ = _build_unguided_teacher(guide_cfg, device)
     return guided(main, guide, gcfg["scale"], interval=interval)
