@@ -98,6 +98,39 @@ def agreement_rows(diffusers):
     return rows
 
 
+def dit_rows(diffusers):
+    """A tiny random DiTTransformer2DModel (2 x 16 x 16 latents, patch 2, learned sigma, 5 classes):
+    diffusers' loop calls it with integer classes (the null class 5 for the unconditional row) and
+    steps with the prediction half of its output, as DiTPipeline does."""
+    from pid_fast.models.diffusers_adapter import denoiser_from_scheduler
+    from pid_fast.sampling import ode_sample
+
+    torch.manual_seed(0)
+    dit = diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=2, out_channels=4,
+                                          num_layers=2, sample_size=16, patch_size=2, num_embeds_ada_norm=5).eval()
+    scheduler = diffusers.DDPMScheduler(variance_type="learned_range", clip_sample=False)
+    teacher = denoiser_from_scheduler(dit, scheduler)
+    z = torch.randn(BATCH, 2, 16, 16, generator=torch.Generator().manual_seed(1))
+    classes = torch.arange(BATCH) % 5
+    rows = []
+    for name, class_labels, labels in (("classes 0..4", classes, torch.nn.functional.one_hot(classes, 5).float()),
+                                       ("null class", torch.full((BATCH,), 5), torch.zeros(BATCH, 5))):
+        row = {"teacher": f"DiT (learned sigma), DDPM linear, epsilon, leading, {name}"}
+        for solver, loop_class in (("euler", "EulerDiscreteScheduler"), ("heun", "HeunDiscreteScheduler")):
+            loop = getattr(diffusers, loop_class).from_config(scheduler.config)
+            loop.set_timesteps(STEPS)
+            x = z * loop.init_noise_sigma
+            with torch.no_grad():
+                for t in loop.timesteps:
+                    out = dit(loop.scale_model_input(x, t), t.expand(BATCH), class_labels=class_labels).sample
+                    x = loop.step(out[:, :2], t, x).prev_sample
+                mine = ode_sample(teacher, z, labels, solver=solver, num_steps=STEPS, grid="scheduler")
+            row[solver] = (rel_rmse(mine, x), float((mine - x).abs().max()))
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
 def export_round_trip(diffusers):
     from click.testing import CliRunner
 
@@ -131,7 +164,7 @@ def main() -> None:
     import diffusers
 
     torch.set_num_threads(1)
-    rows = agreement_rows(diffusers)
+    rows = agreement_rows(diffusers) + dit_rows(diffusers)
     export = export_round_trip(diffusers)
     lines = [
         "# diffusers teachers: samples against diffusers' loops, and the export round trip",
@@ -155,6 +188,10 @@ def main() -> None:
         lines.append(f"| {row['teacher']} | {_fmt(row['euler'])} | {_fmt(row['heun'])} | "
                      f"{'n/a' if karras is None else f'{karras:.1%}'} |")
     lines += [
+        "",
+        "DiT rows: a tiny random DiTTransformer2DModel (2 x 16 x 16 latents, patch 2, learned sigma, 5 "
+        "classes, seed 0) called by diffusers' loop with integer classes and stepped with the prediction half "
+        "of its output (as DiTPipeline); pid_fast's denoiser gets one-hot labels, all-zero for the null class.",
         "",
         "n/a: diffusers has no loop of that kind (no EDM Heun scheduler; HeunDiscreteScheduler has no "
         "rescale_betas_zero_snr, so a zero-terminal-SNR teacher's Heun samples use Euler's grid).",
