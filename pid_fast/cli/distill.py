@@ -188,7 +188,7 @@ def _write_samples(x, labels, seeds, out: str, prompts=()) -> None:
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--vae", default=None, metavar="DIR", type=click.Path(exists=True, file_okay=False),
               help="A latent student (e.g. EDM2 img512): decode its samples with this local "
-                   "diffusers AutoencoderKL folder (EDM2's latent scaling; pid_fast.eval.vae).")
+                   "diffusers AutoencoderKL folder (EDM2's latent scaling; a diffusers student's, e.g. a DiT's: the VAE's scaling_factor; pid_fast.eval.vae).")
 @click.option("--teacher", "teacher_source", default=None, metavar="CONFIG|FOLDER|FILE",
               type=click.Path(exists=True),
               help="Sample a teacher instead of a student (then only OUT is given): a trainer config (its "
@@ -250,8 +250,8 @@ def sample(paths, num, seed_start, batch, weights, class_label, device, vae, tea
             from pid_fast.train.prompts import pipeline_decoder
             decode = pipeline_decoder(meta["text"]["pipeline"], device)
         elif vae is not None:  # a latent student: its samples go through the VAE
-            from pid_fast.eval.vae import LatentDecoder
-            decode = LatentDecoder.from_path(vae, device=device)
+            from pid_fast.eval.vae import student_decoder
+            decode = student_decoder(vae, net, device=device)
         x, labels = generate(net, meta, seeds, batch=batch, device=device, class_label=class_label, decode=decode,
                              embeddings=embeddings)
     except (*_FILE_ERRORS, RuntimeError, ImportError) as exc:  # a damaged .pt; a diffusers student without diffusers

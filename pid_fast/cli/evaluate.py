@@ -132,8 +132,8 @@ def _score_source(source, *, extractor, feature_kind, ref, num, seed_start, weig
         click.echo(f"generating {n} one-step samples from {meta['path']} (step {meta['step']}, weights {how}) ...")
         decode = None
         if vae is not None:  # a latent student: its samples go through the VAE (pid_fast.eval.vae)
-            from pid_fast.eval.vae import LatentDecoder
-            decode = LatentDecoder.from_path(vae, device=device)
+            from pid_fast.eval.vae import student_decoder
+            decode = student_decoder(vae, net, device=device)
         images, _ = generate(net, meta, seeds, batch=batch, device=device, decode=decode)
     else:
         images = metrics.load_images(source, num=num)
@@ -225,7 +225,7 @@ def _score_run(run_dir, *, extractor, feature_kind, ref, num, seed_start, batch,
 @click.option("--save-stats", default=None, metavar="OUT.npz", help="Write SOURCE's (mu, sigma) to this .npz.")
 @click.option("--vae", default=None, metavar="DIR", type=click.Path(exists=True, file_okay=False),
               help="Checkpoint SOURCE of a latent teacher (e.g. EDM2 img512): decode the samples with this local "
-                   "diffusers AutoencoderKL folder (EDM2's latent scaling; pid_fast.eval.vae).")
+                   "diffusers AutoencoderKL folder (EDM2's latent scaling; a diffusers student's, e.g. a DiT's: the VAE's scaling_factor; pid_fast.eval.vae).")
 @click.option("--teacher-samples", default=None, metavar="FILE.npz|DIR", type=click.Path(exists=True),
               help="The teacher's multi-step samples (`pid-fast sample --teacher`'s .npz: the student samples the "
                    "same seeds, hence the same noise and labels; or a folder / .npz of images paired by order). "

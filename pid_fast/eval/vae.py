@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 __all__ = ["EDM2_RAW_MEAN", "EDM2_RAW_STD", "latent_scaling", "scaling_from_encoder", "load_vae", "LatentDecoder",
-           "ScaledLatentDecoder"]
+           "ScaledLatentDecoder", "student_decoder"]
 
 EDM2_RAW_MEAN = (5.81, 3.25, 0.12, -2.15)
 EDM2_RAW_STD = (4.17, 4.62, 3.71, 3.28)
@@ -149,3 +149,14 @@ class ScaledLatentDecoder:
         dtype = next(self.vae.parameters()).dtype
         images = [self.vae.decode(chunk.to(dtype)).sample.to(torch.float32) for chunk in raw.split(self.batch_size)]
         return torch.cat(images).clamp(-1, 1)
+
+
+def student_decoder(path: str | os.PathLike, net: nn.Module, device: str | torch.device = "cpu"):
+    """The decoder of a latent student's samples through the VAE folder ``path`` (`--vae`): a
+    diffusers network's (e.g. a DiT's) latents as its pipeline decodes them (``ScaledLatentDecoder``,
+    the VAE's scaling_factor), any other's with EDM2's latent scaling (``LatentDecoder``)."""
+    from pid_fast.models.diffusers_adapter import DiffusersUNet
+
+    if isinstance(net, DiffusersUNet):
+        return ScaledLatentDecoder.from_path(path, device=device)
+    return LatentDecoder.from_path(path, device=device)

@@ -196,4 +196,4 @@ def one_step_sample(unet: nn.Module, settings: Mapping[str, Any], z: torch.Tenso
     timestep = torch.full((z.shape[0],), float(settings["timestep"]), device=z.device)
     out = prediction_part(unet(float(settings["input_scale"]) * z, timestep, **unet_kwargs).sample.float(), z.shape[1])
     x = float(settings["noise_weight"]) * z + float(settings["output_weight"]) * out
-    return x.clamp(*settings["clamp"])
+    return x if settings["clamp"] is None else x.clamp(*settings["clamp"])

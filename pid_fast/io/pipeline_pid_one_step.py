@@ -37,7 +37,7 @@ class PIDOneStepPipeline(DiffusionPipeline):
         self.register_modules(unet=unet)
         self.register_to_config(timestep=float(timestep), input_scale=float(input_scale),
                                 noise_weight=float(noise_weight), output_weight=float(output_weight),
-                                clamp=list(clamp) if clamp is not None else [-1.0, 1.0],
+                                clamp=list(clamp) if clamp is not None else None,
                                 shape=list(shape) if shape is not None else None, label_dim=int(label_dim))
 
     def _shape(self, batch_size: int) -> tuple:
@@ -77,7 +77,9 @@ class PIDOneStepPipeline(DiffusionPipeline):
         out = self.unet((self.config.input_scale * z).to(self.unet.dtype), timestep, **unet_kwargs).sample
         if out.shape[1] == 2 * z.shape[1]:  # a learned-variance UNet: [prediction, variance]
             out = out[:, :z.shape[1]]
-        x = (self.config.noise_weight * z + self.config.output_weight * out.float()).clamp(*self.config.clamp)
+        x = self.config.noise_weight * z + self.config.output_weight * out.float()
+        if self.config.clamp is not None:  # images in [-1, 1]; a latent student's (DiT) are not clamped
+            x = x.clamp(*self.config.clamp)
         if output_type == "latent":
             images = x
         else:

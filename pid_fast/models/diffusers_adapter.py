@@ -69,7 +69,7 @@ from torch import nn
 
 from pid_fast.models.preconditioning import Coefficients, Preconditioning, _check_batch, _per_sample, sigma_vector
 
-__all__ = ["PREDICTION_TYPES", "TIMESTEP_ROUNDINGS", "UNET_CLASSES", "EDM_SCHEDULERS", "SAMPLER_SCHEDULERS",
+__all__ = ["PREDICTION_TYPES", "TIMESTEP_ROUNDINGS", "UNET_CLASSES", "LATENT_CLASSES", "is_latent_network", "EDM_SCHEDULERS", "SAMPLER_SCHEDULERS",
            "import_diffusers", "schedule_sigmas", "scheduler_alphas_cumprod", "scheduler_sigma_range",
            "SigmaToTimestep", "DiffusersUNet", "DiffusersDenoiser", "DiffusersEDMDenoiser", "denoiser_from_scheduler",
            "sampler_scheduler", "scheduler_grid", "diffusers_loop", "build_diffusers_network", "is_diffusers_network",
@@ -594,6 +594,16 @@ def diffusers_loop(unet: nn.Module, scheduler_config: Mapping[str, Any], latents
     return x
 
 
+# diffusers networks that always denoise VAE latents (not images in [-1, 1]): their samples are not clamped
+LATENT_CLASSES = ("DiTTransformer2DModel",)
+
+
+def is_latent_network(config: Any) -> bool:
+    """Whether a student's network config (checkpoint metadata 'network') is a latent diffusers
+    network (LATENT_CLASSES): its one-step samples are latents, never clamped to [-1, 1]."""
+    return is_diffusers_network(config) and config.get("class_name") in LATENT_CLASSES
+
+
 def one_step_settings(meta: Mapping[str, Any]) -> dict:
     """The constants of a PID student's one-step sample x = noise_weight z + output_weight
     unet(input_scale z, timestep).sample (z ~ N(0, I)), from its checkpoint metadata: the
@@ -605,5 +615,6 @@ def one_step_settings(meta: Mapping[str, Any]) -> dict:
     else:
         timestep = float(diffusers_noise_labels(rule)(torch.tensor([t], dtype=torch.float32))[0])
     return {"timestep": timestep, "input_scale": T / math.sqrt(sd * sd + T * T), "noise_weight": t,
-            "output_weight": 1.0 - t / T, "clamp": [-1.0, 1.0], "sigma_min": t, "sigma_max": T, "sigma_data": sd,
+            "output_weight": 1.0 - t / T,
+            "clamp": None if is_latent_network(meta.get("network")) else [-1.0, 1.0], "sigma_min": t, "sigma_max": T, "sigma_data": sd,
             "shape": list(meta["shape"]), "label_dim": int(meta["label_dim"])}

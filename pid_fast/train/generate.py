@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from pid_fast.checks import parse_float
-from pid_fast.models.diffusers_adapter import build_diffusers_network, is_diffusers_network
+from pid_fast.models.diffusers_adapter import build_diffusers_network, is_diffusers_network, is_latent_network
 from pid_fast.models.networks import build_network
 from pid_fast.sampling import seeded_latents, student_sample
 from pid_fast.train.builders import noise_labels
@@ -75,6 +75,7 @@ def generate(net: nn.Module, meta: Mapping[str, Any], seeds, batch: int = 64, de
     if class_label is not None and not (label_dim and 0 <= class_label < label_dim):
         raise ValueError(f"class_label must be in [0, {label_dim}) for this student, got {class_label!r}")
     c_noise = noise_labels(meta["noise_rule"])  # t -> the student's noise label
+    latent = is_latent_network(meta.get("network"))  # a DiT's latents: not clamped to [-1, 1]
     images, classes = [], []
     for start in range(0, len(seeds), batch):
         z, labels = seeded_latents(seeds[start:start + batch], meta["shape"], label_dim, device=device)
@@ -83,7 +84,8 @@ def generate(net: nn.Module, meta: Mapping[str, Any], seeds, batch: int = 64, de
         if embeddings is not None:
             labels = embeddings[start:start + batch].to(device)
         x = student_sample(net, z, labels, sigma_min=meta["sigma_min"], sigma_max=meta["sigma_max"],
-                           sigma_data=meta["sigma_data"], noise_labels=c_noise, clamp=decode is None)
+                           sigma_data=meta["sigma_data"], noise_labels=c_noise,
+                           clamp=decode is None and not latent)
         images.append((x if decode is None else decode(x)).float().cpu())
         if labels is not None and label_dim:
             classes.append(labels.argmax(1).cpu())

@@ -40,6 +40,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from pid_fast.eval.images import save_image_grid
+from pid_fast.models.diffusers_adapter import is_latent_network
 from pid_fast.models.precision import autocast_for, needs_grad_scaler, prepare_network
 from pid_fast.models.preconditioning import Preconditioning
 from pid_fast.sampling import seeded_latents, student_sample
@@ -515,7 +516,8 @@ class _Run:
         with torch.no_grad():
             x = student_sample(self.net, self.snapshot_noise, self.snapshot_labels, sigma_min=loss_cfg["sigma_min"],
                                sigma_max=loss_cfg["sigma_max"], sigma_data=self.loss_fn.sigma_data,
-                               noise_labels=self.loss_fn.noise_labels, clamp=self.text is None)
+                               noise_labels=self.loss_fn.noise_labels,
+                               clamp=self.text is None and not is_latent_network(self.student_meta["network"]))
             if self.ctx.rank != 0:
                 self.net.train()
                 return

@@ -133,11 +133,33 @@ def test_a_dit_pipeline_folder_distils_samples_and_exports(tmp_path):
     assert res.exit_code == 0, res.output
     samples = np.load(tmp_path / "s.npz")
     assert samples["x"].shape == (4, 2, 8, 8) and np.isfinite(samples["x"]).all()
+    assert np.abs(samples["x"]).max() > 1.0  # latents: not clamped to an image range
+
+    # the guided teacher's latents from the same seeds, not clamped either
+    res = runner.invoke(main, ["sample", "--teacher", str(run / "config.json"), str(tmp_path / "t.npz"), "--num", "4",
+                               "--steps", "4"])
+    assert res.exit_code == 0, res.output
+    assert np.abs(np.load(tmp_path / "t.npz")["x"]).max() > 1.0
     res = runner.invoke(main, ["export-diffusers", str(run), str(out), "--weights", "model"])
     assert res.exit_code == 0, res.output
     assert os.path.isdir(out / "unet")
     pipe = diffusers.DiffusionPipeline.from_pretrained(out, trust_remote_code=True)
     assert type(pipe.unet).__name__ == "DiTTransformer2DModel"
+
+    # --vae decodes a diffusers student's latents as its pipeline would: vae.decode(x / scaling_factor)
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8),
+                                  latent_channels=2, norm_num_groups=4, sample_size=16, scaling_factor=0.25)
+    vae.save_pretrained(folder / "vae")
+    res = runner.invoke(main, ["sample", str(run), str(tmp_path / "img.npz"), "--num", "4", "--weights", "model",
+                               "--vae", str(folder / "vae")])
+    assert res.exit_code == 0, res.output
+    with torch.no_grad():
+        expected = vae.decode(torch.as_tensor(samples["x"]) / 0.25).sample.clamp(-1, 1)
+    decoded = np.load(tmp_path / "img.npz")["x"]
+    assert decoded.shape == (4, 3, 16, 16)
+    np.testing.assert_allclose(decoded, expected.numpy(), atol=1e-5)
     x = pipe(generator=[torch.Generator().manual_seed(s) for s in range(4)],
              class_labels=torch.as_tensor(samples["labels"]), output_type="latent").images
     np.testing.assert_allclose(x.numpy(), samples["x"], atol=1e-5)
