@@ -102,7 +102,7 @@ def dit_rows(diffusers):
     """A tiny random DiTTransformer2DModel (2 x 16 x 16 latents, patch 2, learned sigma, 5 classes):
     diffusers' loop calls it with integer classes (the null class 5 for the unconditional row) and
     steps with the prediction half of its output, as DiTPipeline does."""
-    from pid_fast.models.diffusers_adapter import denoiser_from_scheduler
+    from pid_fast.models.diffusers_adapter import denoiser_from_scheduler, diffusers_loop as reference_loop
     from pid_fast.sampling import ode_sample
 
     torch.manual_seed(0)
@@ -116,14 +116,9 @@ def dit_rows(diffusers):
     for name, class_labels, labels in (("classes 0..4", classes, torch.nn.functional.one_hot(classes, 5).float()),
                                        ("null class", torch.full((BATCH,), 5), torch.zeros(BATCH, 5))):
         row = {"teacher": f"DiT (learned sigma), DDPM linear, epsilon, leading, {name}"}
-        for solver, loop_class in (("euler", "EulerDiscreteScheduler"), ("heun", "HeunDiscreteScheduler")):
-            loop = getattr(diffusers, loop_class).from_config(scheduler.config)
-            loop.set_timesteps(STEPS)
-            x = z * loop.init_noise_sigma
+        for solver in ("euler", "heun"):  # diffusers' Euler / Heun loop (pid_fast's diffusers_loop)
             with torch.no_grad():
-                for t in loop.timesteps:
-                    out = dit(loop.scale_model_input(x, t), t.expand(BATCH), class_labels=class_labels).sample
-                    x = loop.step(out[:, :2], t, x).prev_sample
+                x = reference_loop(dit, scheduler.config, z, solver=solver, num_steps=STEPS, class_labels=class_labels)
                 mine = ode_sample(teacher, z, labels, solver=solver, num_steps=STEPS, grid="scheduler")
             row[solver] = (rel_rmse(mine, x), float((mine - x).abs().max()))
         rows.append(row)

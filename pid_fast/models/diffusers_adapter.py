@@ -80,6 +80,8 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 TIMESTEP_ROUNDINGS = ("interpolate", "nearest")
 # the networks taken (DiTTransformer2DModel: class-conditional latent transformers, e.g. DiT-XL/2)
 UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel")
+# networks that always denoise VAE latents (not images in [-1, 1]): their samples are not clamped
+LATENT_CLASSES = ("DiTTransformer2DModel",)
 # EDM-parametrised diffusers schedulers (DiffusersEDMDenoiser) and their prediction types
 EDM_SCHEDULERS = ("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler")
 EDM_PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -155,9 +157,13 @@ class SigmaToTimestep:
 def prediction_channels(unet_config: Mapping[str, Any]) -> int:
     """The channels of a UNet's prediction: in_channels for a learned-variance UNet (out_channels =
     2 in_channels: [prediction, variance]), else out_channels."""
-    cin = int(unet_config["in_channels"])
-    cout = int(unet_config.get("out_channels") or cin)  # DiT's None: as many as in_channels
+    cin, cout = int(unet_config["in_channels"]), output_channels(unet_config)
     return cin if cout == 2 * cin else cout
+
+
+def output_channels(unet_config: Mapping[str, Any]) -> int:
+    """The channels of a network's output (DiT's out_channels None: as many as in_channels)."""
+    return int(unet_config.get("out_channels") or unet_config["in_channels"])
 
 
 def prediction_part(out: torch.Tensor, channels: int) -> torch.Tensor:
@@ -204,7 +210,8 @@ class DiffusersUNet(nn.Module):
         # a row after the classes (index label_dim, its pipeline's class_null) when trained with dropout
         self.null_class = self.label_dim if _label_tables(unet, self.label_dim + 1) else None
         self.out_channels = prediction_channels(cfg)  # the variance half of a learned-variance UNet dropped
-        self.learned_variance = self.out_channels != int(cfg.get("out_channels") or cfg["in_channels"])
+        self.learned_variance = self.out_channels != output_channels(cfg)
+        self.latent = name in LATENT_CLASSES  # its samples are latents: never clamped to [-1, 1]
         self.train(self.training)
 
     def train(self, mode: bool = True) -> "DiffusersUNet":
@@ -262,13 +269,14 @@ class DiffusersUNet(nn.Module):
         if labels.is_floating_point():  # one-hot (or soft) [B, label_dim] -> class index
             labels = labels.reshape(batch, self.label_dim)
             empty = labels.abs().amax(1) == 0  # an all-zero row: no class (the unconditional input)
-            if bool(empty.any()):
-                if self.null_class is None:
-                    raise ValueError("class_labels: an all-zero label (no class) but this network has no null "
-                                     "class to stand for it; give the guide's class index "
-                                     "(teacher.guidance.null_label) or one-hot labels")
-            labels = torch.where(empty, torch.full_like(empty, self.null_class or 0, dtype=torch.long),
-                                 labels.argmax(1))
+            if self.null_class is not None:  # no host sync: the null class replaces the empty rows
+                labels = torch.where(empty, self.null_class, labels.argmax(1))
+            elif bool(empty.any()):  # (a host sync, only for networks without a null class)
+                raise ValueError("class_labels: an all-zero label (no class) but this network has no null "
+                                 "class to stand for it; give the guide's class index "
+                                 "(teacher.guidance.null_label) or one-hot labels")
+            else:
+                labels = labels.argmax(1)
         return {"class_labels": labels.reshape(batch).long()}
 
 
@@ -589,13 +597,10 @@ def diffusers_loop(unet: nn.Module, scheduler_config: Mapping[str, Any], latents
     x = latents.to(torch.float32) * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
         model_input = scheduler.scale_model_input(x, t)
-        out = prediction_part(unet(model_input, t, **unet_kwargs).sample, x.shape[1])
+        # one timestep per sample, as diffusers' pipelines pass it (a DiT's embedding needs a 1-D tensor)
+        out = prediction_part(unet(model_input, t.expand(x.shape[0]), **unet_kwargs).sample, x.shape[1])
         x = scheduler.step(out, t, x).prev_sample
     return x
-
-
-# diffusers networks that always denoise VAE latents (not images in [-1, 1]): their samples are not clamped
-LATENT_CLASSES = ("DiTTransformer2DModel",)
 
 
 def is_latent_network(config: Any) -> bool:
@@ -614,7 +619,7 @@ def one_step_settings(meta: Mapping[str, Any]) -> dict:
         timestep = float(torch.tensor([t], dtype=torch.float32).log()[0] / 4)
     else:
         timestep = float(diffusers_noise_labels(rule)(torch.tensor([t], dtype=torch.float32))[0])
+    clamp = None if is_latent_network(meta.get("network")) else [-1.0, 1.0]  # latents are not clamped
     return {"timestep": timestep, "input_scale": T / math.sqrt(sd * sd + T * T), "noise_weight": t,
-            "output_weight": 1.0 - t / T,
-            "clamp": None if is_latent_network(meta.get("network")) else [-1.0, 1.0], "sigma_min": t, "sigma_max": T, "sigma_data": sd,
+            "output_weight": 1.0 - t / T, "clamp": clamp, "sigma_min": t, "sigma_max": T, "sigma_data": sd,
             "shape": list(meta["shape"]), "label_dim": int(meta["label_dim"])}

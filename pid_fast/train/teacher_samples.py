@@ -16,7 +16,6 @@ from typing import Any, Optional
 import torch
 from torch.nn import functional as F
 
-from pid_fast.models.diffusers_adapter import LATENT_CLASSES
 from pid_fast.sampling import GRIDS, default_grid, ode_sample, seeded_latents
 
 __all__ = ["load_sampling_teacher", "default_grid", "teacher_samples"]
@@ -52,7 +51,8 @@ def load_sampling_teacher(source: str | os.PathLike, device: torch.device | str 
 @torch.no_grad()
 def teacher_samples(teacher: Any, shape, label_dim: int, seeds, *, solver: str = "heun", num_steps: int = 18,
                     grid: Optional[str] = None, batch: int = 64, device: torch.device | str = "cpu",
-                    class_label: Optional[int] = None, clamp: Optional[bool] = None, embeddings: Optional[torch.Tensor] = None,
+                    class_label: Optional[int] = None, clamp: Optional[bool] = None,
+                    embeddings: Optional[torch.Tensor] = None,
                     decode: Optional[Any] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Samples (B, C, H, W) on the CPU (clamped to [-1, 1] unless ``clamp`` is False; None: unless
     they are a latent teacher's (a DiT's) undecoded latents) and the
@@ -63,7 +63,7 @@ def teacher_samples(teacher: Any, shape, label_dim: int, seeds, *, solver: str =
     grid = default_grid(teacher) if grid is None else grid
     if clamp is None:
         main_net = getattr(getattr(teacher, "main", teacher), "model", None)  # a guided teacher's main network
-        clamp = decode is not None or type(getattr(main_net, "unet", None)).__name__ not in LATENT_CLASSES
+        clamp = decode is not None or not getattr(main_net, "latent", False)
     if grid not in GRIDS:
         raise ValueError(f"grid must be one of {GRIDS}, got {grid!r}")
     if class_label is not None and not (label_dim and 0 <= class_label < label_dim):

@@ -180,3 +180,22 @@ def test_the_configs_null_label_may_name_dits_null_class():
     with pytest.raises(ValueError, match="null_label'\\]: 7 is not a class index of the teacher's 5 classes nor its "
                                          "null class 5"):
         guided_teacher(teacher, {"scale": 2.0, "guide": "unconditional", "null_label": 7}, cpu)
+
+
+@pytest.mark.parametrize("solver", ["euler", "heun"])
+def test_teacher_samples_of_a_dit_equal_diffusers_loop(solver):
+    """grid="scheduler" against diffusers' own loop (pid_fast's diffusers_loop: one timestep per
+    sample, the prediction half of the output), for classes and for the null class."""
+    from pid_fast.models.diffusers_adapter import diffusers_loop
+    from pid_fast.sampling import ode_sample
+
+    dit = tiny_dit()
+    scheduler = diffusers.DDPMScheduler(variance_type="learned_range", clip_sample=False)
+    teacher = DiffusersDenoiser.from_scheduler(dit, scheduler)
+    z = torch.randn(5, 2, 8, 8, generator=torch.Generator().manual_seed(3))
+    classes = torch.tensor([0, 1, 2, 3, 4])
+    for class_labels, labels in ((classes, _one_hot(classes)), (torch.full((5,), CLASSES), torch.zeros(5, CLASSES))):
+        with torch.no_grad():
+            reference = diffusers_loop(dit, scheduler.config, z, solver=solver, num_steps=6, class_labels=class_labels)
+            mine = ode_sample(teacher, z, labels, solver=solver, num_steps=6, grid="scheduler")
+        assert float((mine - reference).pow(2).mean().sqrt() / reference.pow(2).mean().sqrt()) < 1e-5
