@@ -199,3 +199,27 @@ def test_teacher_samples_of_a_dit_equal_diffusers_loop(solver):
             reference = diffusers_loop(dit, scheduler.config, z, solver=solver, num_steps=6, class_labels=class_labels)
             mine = ode_sample(teacher, z, labels, solver=solver, num_steps=6, grid="scheduler")
         assert float((mine - reference).pow(2).mean().sqrt() / reference.pow(2).mean().sqrt()) < 1e-5
+
+
+def test_a_guided_dit_run_resumes_exactly(tmp_path):
+    """A run of a guided DiT teacher stopped at its step-2 checkpoint and resumed ends with the
+    uninterrupted run's weights and EMA (the rebuilt student keeps its label embedding in eval mode)."""
+    folder = tmp_path / "dit"
+    tiny_dit().save_pretrained(folder / "transformer")
+    diffusers.DDPMScheduler(variance_type="learned_range", clip_sample=False).save_pretrained(folder / "scheduler")
+
+    def cfg(steps):
+        return {"device": "cpu", "teacher": {"kind": "diffusers", "path": str(folder),
+                                             "guidance": {"scale": 2.0, "guide": "unconditional"}},
+                "loss": {"N": 20}, "batch_size": 4, "total_steps": steps, "log_every": 1, "checkpoint_every": 2,
+                "keep_checkpoints": 0, "snapshot_every": 0, "progress": False, "ema_rates": [0.5],
+                "optimizer": {"lr": 1e-3}}
+
+    train(cfg(4), tmp_path / "full")
+    train(cfg(2), tmp_path / "resumed")
+    train(cfg(4), tmp_path / "resumed", resume=True)
+    for weights in ("model", "ema-0.5"):
+        full, _ = load_student(tmp_path / "full", weights=weights)
+        resumed, _ = load_student(tmp_path / "resumed", weights=weights)
+        for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+            assert torch.equal(a, b), (weights, name)
