@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from pid_fast.checks import check_choice
+from pid_fast.models.diffusers_adapter import UNET_CLASSES  # the bare diffusers networks (raw students)
 from pid_fast.models.preconditioning import (Coefficients, Preconditioning, declared_sigma_data,
                                              edm_coefficients, edm_preconditioning)
 
@@ -43,7 +44,6 @@ __all__ = ["STUDENT_PARAMETRIZATIONS", "unwrap", "resolve_student", "stochastic_
 
 STUDENT_PARAMETRIZATIONS = (None, "raw", "preconditioned", "edm")
 
-_DIFFUSERS_UNETS = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel")
 _DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 # EDM/EDM2/pid_fast style: F.dropout(p=...); diffusers' LabelEmbedding (DiT): dropout_prob
@@ -146,7 +146,7 @@ def resolve_student(student: Any, parametrization: Optional[str], *, sigma_data:
                         f"network D(x, sigma, labels)), got {type(student).__name__}")
     inner = unwrap(student)
     if parametrization == "raw":
-        return (_DiffusersStudent(student) if type(inner).__name__ in _DIFFUSERS_UNETS else student), None, "raw"
+        return (_DiffusersStudent(student) if type(inner).__name__ in UNET_CLASSES else student), None, "raw"
     if parametrization == "edm":
         _check_sigma_data(declared_sigma_data(inner), sigma_data)
         coefficients: Callable = partial(edm_coefficients, sigma_data=sigma_data)
@@ -160,7 +160,7 @@ def resolve_student(student: Any, parametrization: Optional[str], *, sigma_data:
                     f"pid_fast's Preconditioning or NVlabs/edm's EDMPrecond/VPPrecond/VEPrecond); pass "
                     f"student_parametrization='raw' (it is F(x_in, c_noise, labels)) or 'edm' (it is "
                     f"D(x, sigma, labels) with EDM's preconditioning)")
-            if type(inner).__name__ in _DIFFUSERS_UNETS:
+            if type(inner).__name__ in UNET_CLASSES:
                 return _DiffusersStudent(student), None, "raw"
             return student, None, "raw"
         _check_sigma_data(declared_sigma_data(precond), sigma_data)
